@@ -1,0 +1,16 @@
+"""fastbn: fast, accurate, multithreaded batch normalization for NumPy on the CPU."""
+from ._api import batch_norm, batch_norm_backward
+from ._backends import available_backends
+from ._config import show_config
+from ._threads import get_num_threads, set_num_threads
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "available_backends",
+    "batch_norm",
+    "batch_norm_backward",
+    "get_num_threads",
+    "set_num_threads",
+    "show_config",
+]

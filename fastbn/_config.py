@@ -1,0 +1,68 @@
+"""``fastbn.show_config()``: what this installation can do, reported from what is loaded."""
+from __future__ import annotations
+
+import platform
+import sys
+
+import numpy as np
+
+
+def _simd_features() -> list[str]:
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__
+    except ImportError:  # NumPy 1.x
+        from numpy.core._multiarray_umath import __cpu_features__
+    wanted = ("SSE42", "AVX", "F16C", "FMA3", "AVX2", "AVX512F", "AVX512BW", "AVX512VL",
+              "AVX512_SKX", "ASIMD", "SVE")
+    return [name for name in wanted if __cpu_features__.get(name)]
+
+
+def _numba_threading_layer() -> str:
+    try:
+        import numba
+    except ImportError:
+        return "numba not installed"
+    try:
+        active = numba.threading_layer()
+    except ValueError:  # no parallel function has run yet
+        active = "not started yet"
+    return f"{active} (configured: {numba.config.THREADING_LAYER})"
+
+
+def config() -> dict:
+    """The facts `show_config` prints, as a dict."""
+    from . import __version__
+    from ._backends import available_backends, unavailable_backends
+    from ._threads import get_num_threads
+    try:
+        from . import _kernels
+        openmp = "on" if _kernels.OPENMP_ENABLED else "off (the extension was built without it: serial)"
+    except ImportError as exc:
+        openmp = f"extension not built ({exc})"
+    return {
+        "fastbn": __version__,
+        "python": sys.version.split()[0],
+        "numpy": np.__version__,
+        "platform": platform.platform(),
+        "backends available": ", ".join(available_backends()),
+        "backends unavailable": "; ".join(f"{k}: {v}" for k, v in unavailable_backends().items())
+        or "none",
+        "default backend": available_backends()[0],
+        "openmp": openmp,
+        "threads": get_num_threads(),
+        "numba threading layer": _numba_threading_layer(),
+        "cpu simd": " ".join(_simd_features()),
+    }
+
+
+def show_config() -> None:
+    """Print the version, backends, OpenMP status, thread count, Numba threading layer and SIMD.
+
+    Examples
+    --------
+    >>> import fastbn
+    >>> fastbn.show_config()  # doctest: +ELLIPSIS
+    fastbn ...
+    """
+    for key, value in config().items():
+        print(f"{key:<22} {value}")

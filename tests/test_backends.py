@@ -1,0 +1,151 @@
+"""Every backend against the NumPy reference, over dtype x layout x ndim x mode x memory layout."""
+import numpy as np
+import pytest
+
+import fastbn
+from cases import DTYPES, KINDS, SHAPES, TOL, make
+
+
+def assert_close(actual, expected, dtype):
+    assert actual.dtype == expected.dtype
+    assert actual.shape == expected.shape
+    tol = TOL[dtype] * (1.0 + np.abs(expected.astype(np.float64)))
+    err = np.abs(actual.astype(np.float64) - expected.astype(np.float64))
+    assert np.all((err <= tol) | (np.isnan(actual) & np.isnan(expected))), err.max()
+
+
+def params(rng, channels):
+    return (rng.standard_normal(channels), rng.standard_normal(channels),
+            rng.standard_normal(channels), rng.uniform(0.5, 2.0, channels))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("axis", [1, -1])
+@pytest.mark.parametrize("ndim", [2, 3, 4, 5])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("fused", ["plain", "relu", "residual+relu"])
+def test_forward_matches_reference(backend, rng, dtype, axis, ndim, training, fused):
+    shape = SHAPES[ndim]
+    x = make(rng, shape, dtype, offset=3.0)
+    channels = shape[axis]
+    weight, bias, rm, rv = params(rng, channels)
+    kwargs = dict(axis=axis, activation=None if fused == "plain" else "relu",
+                  residual=make(rng, shape, dtype) if "residual" in fused else None,
+                  return_stats=True)
+    rm_ref, rv_ref = rm.copy(), rv.copy()
+    expected = fastbn.batch_norm(x, rm_ref, rv_ref, weight, bias, training, 0.3, backend="numpy",
+                                 **kwargs)
+    actual = fastbn.batch_norm(x, rm, rv, weight, bias, training, 0.3, backend=backend, **kwargs)
+    assert_close(actual[0], expected[0], dtype)
+    for a, e in zip(actual[1:], expected[1:]):
+        np.testing.assert_allclose(a, e, rtol=1e-9 if dtype == np.float64 else 1e-6)
+    np.testing.assert_allclose(rm, rm_ref, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(rv, rv_ref, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("axis", [1, -1])
+@pytest.mark.parametrize("ndim", [2, 3, 4, 5])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("relu", [False, True])
+def test_backward_matches_reference(backend, rng, dtype, axis, ndim, training, relu):
+    shape = SHAPES[ndim]
+    x = make(rng, shape, dtype, offset=-2.0)
+    dy = make(rng, shape, dtype)
+    weight, bias, _, _ = params(rng, shape[axis])
+    activation = "relu" if relu else None
+    y, mean, invstd = fastbn.batch_norm(x, None, None, weight, bias, True, axis=axis,
+                                        activation=activation, return_stats=True, backend="numpy")
+    kwargs = dict(axis=axis, training=training, output=y if relu else None, activation=activation)
+    expected = fastbn.batch_norm_backward(dy, x, mean, invstd, weight, backend="numpy", **kwargs)
+    actual = fastbn.batch_norm_backward(dy, x, mean, invstd, weight, backend=backend, **kwargs)
+    assert_close(actual[0], expected[0], dtype)
+    compute = np.float32 if dtype == np.float16 else dtype
+    for a, e in zip(actual[1:], expected[1:]):
+        assert a.dtype == compute
+        np.testing.assert_allclose(a, e, rtol=TOL[compute] * 10, atol=TOL[compute] * 100)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("axis", [0, 1, 2, -1])
+def test_memory_layouts(backend, rng, kind, axis):
+    shape = (6, 5, 7, 9)
+    x = make(rng, shape, np.float32, kind)
+    expected = fastbn.batch_norm(np.ascontiguousarray(x), None, None, training=True, axis=axis,
+                                 backend="numpy")
+    actual = fastbn.batch_norm(x, None, None, training=True, axis=axis, backend=backend)
+    assert actual.dtype == np.float32 and actual.flags.c_contiguous
+    assert_close(actual, expected, np.float32)
+
+
+@pytest.mark.parametrize("axis", [1, -1])
+def test_out_in_place_and_non_contiguous_out(backend, rng, axis):
+    x = make(rng, (8, 6, 5, 7), np.float32, offset=1.0)
+    expected = fastbn.batch_norm(x, None, None, training=True, axis=axis, activation="relu",
+                                 backend="numpy")
+    inplace = x.copy()
+    result = fastbn.batch_norm(inplace, None, None, training=True, axis=axis, out=inplace,
+                               activation="relu", backend=backend)
+    assert result is inplace
+    assert_close(inplace, expected, np.float32)
+    strided_out = make(rng, x.shape, np.float32, "strided")
+    assert fastbn.batch_norm(x, None, None, training=True, axis=axis, out=strided_out,
+                             activation="relu", backend=backend) is strided_out
+    assert_close(strided_out, expected, np.float32)
+    half_out = np.empty(x.shape, np.float16)
+    fastbn.batch_norm(x.astype(np.float16), None, None, training=True, axis=axis,
+                      out=half_out, activation="relu", backend=backend)
+    assert_close(half_out, expected.astype(np.float16), np.float16)
+
+
+def test_residual_aliasing_out(backend, rng):
+    x = make(rng, (4, 3, 10), np.float64)
+    residual = make(rng, x.shape, np.float64)
+    expected = fastbn.batch_norm(x, None, None, training=True, residual=residual,
+                                 backend="numpy")
+    fastbn.batch_norm(x, None, None, training=True, residual=residual, out=residual,
+                      backend=backend)
+    assert_close(residual, expected, np.float64)
+
+
+def test_backward_in_place_into_grad_output(backend, rng):
+    x = make(rng, (4, 3, 10), np.float64)
+    dy = make(rng, x.shape, np.float64)
+    _, mean, invstd = fastbn.batch_norm(x, None, None, training=True, return_stats=True)
+    expected = fastbn.batch_norm_backward(dy, x, mean, invstd, backend="numpy")[0]
+    assert fastbn.batch_norm_backward(dy, x, mean, invstd, out=dy, backend=backend)[0] is dy
+    assert_close(dy, expected, np.float64)
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.int64, np.uint8, np.bool_])
+def test_integer_input_promotes_to_float64(backend, rng, dtype):
+    x = rng.integers(0, 3, size=(5, 4, 6)).astype(dtype)
+    y = fastbn.batch_norm(x, None, None, training=True, backend=backend)
+    assert y.dtype == np.float64
+    assert_close(y, fastbn.batch_norm(x.astype(np.float64), None, None, training=True), np.float64)
+
+
+def test_inference_with_empty_batch(backend):
+    x = np.empty((0, 3, 4), np.float32)
+    y = fastbn.batch_norm(x, np.zeros(3), np.ones(3), backend=backend)
+    assert y.shape == x.shape and y.dtype == np.float32
+
+
+@pytest.mark.parametrize("shape,axis", [((1, 3, 1), 1), ((3, 1, 5), 1), ((2, 7), 0),
+                                        ((1, 1), 1), ((2, 1, 1), -1)])
+def test_degenerate_shapes(backend, rng, shape, axis):
+    x = make(rng, shape, np.float64)
+    rm, rv = np.zeros(shape[axis]), np.ones(shape[axis])
+    expected = fastbn.batch_norm(x, rm, rv, axis=axis, backend="numpy")
+    assert_close(fastbn.batch_norm(x, rm, rv, axis=axis, backend=backend), expected, np.float64)
+
+
+def test_moments_match_reference(backend, rng):
+    from fastbn._backends import get_backend
+    for dims in [(3, 5, 7), (11, 6, 1), (1, 4, 33), (0, 3, 2)]:
+        x = (rng.standard_normal(dims) * 3 + 100).astype(np.float32)
+        count, mean, m2 = get_backend(backend).moments(x, 2)
+        ref_count, ref_mean, ref_m2 = get_backend("numpy").moments(x, 1)
+        assert count == ref_count
+        np.testing.assert_allclose(mean, ref_mean, rtol=1e-12)
+        np.testing.assert_allclose(m2, ref_m2, rtol=1e-9)

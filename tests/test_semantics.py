@@ -1,0 +1,118 @@
+"""Accuracy bars and the semantic corner cases of the contract, for every backend."""
+import numpy as np
+import pytest
+
+import fastbn
+
+
+def float64_normalized(x, axis=1):
+    x = x.astype(np.float64)
+    reduce = tuple(i for i in range(x.ndim) if i != axis % x.ndim)
+    return (x - x.mean(reduce, keepdims=True)) / np.sqrt(x.var(reduce, keepdims=True) + 1e-5)
+
+
+@pytest.mark.parametrize("axis", [1, -1])
+def test_large_offset_float32_is_accurate(backend, rng, axis):
+    # PyTorch's error here is 8.1e-4; the bar is 1e-5.
+    x = (rng.standard_normal((16, 8, 32, 32)) + 1e4).astype(np.float32)
+    y = fastbn.batch_norm(x, None, None, training=True, axis=axis, backend=backend)
+    assert np.abs(y - float64_normalized(x, axis)).max() <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("axis", [1, -1])
+def test_huge_values_give_finite_correct_output(backend, rng, dtype, axis):
+    x = (rng.standard_normal((8, 4, 9, 9)) * 1e29 + 1e30).astype(dtype)
+    y = fastbn.batch_norm(x, None, None, training=True, axis=axis, backend=backend)
+    assert np.all(np.isfinite(y))
+    assert np.abs(y - float64_normalized(x, axis)).max() <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+@pytest.mark.parametrize("training", [True, False])
+def test_constant_channel_gives_exactly_bias(backend, dtype, training):
+    x = np.full((5, 3, 7), 0.1, dtype)
+    bias = np.array([0.25, -1.5, 3.0])
+    y = fastbn.batch_norm(x, x[0, :, 0].astype(np.float64), np.zeros(3), np.array([2.0, 3.0, 4.0]), bias,
+                          training, backend=backend)
+    assert np.array_equal(y, np.broadcast_to(bias.astype(dtype)[None, :, None], x.shape))
+
+
+@pytest.mark.parametrize("axis", [1, -1])
+@pytest.mark.parametrize("training", [True, False])
+def test_nan_stays_in_its_channel(backend, rng, axis, training):
+    x = rng.standard_normal((6, 4, 5, 7)).astype(np.float32)
+    x[0, 2, 0, 0] = np.nan
+    x = np.ascontiguousarray(np.moveaxis(x, 1, axis))
+    rm, rv = np.zeros(4), np.ones(4)
+    y = np.moveaxis(fastbn.batch_norm(x, rm, rv, training=training, axis=axis, backend=backend),
+                    axis, 1)
+    assert not np.isnan(y[:, [0, 1, 3]]).any()
+    assert np.isnan(y[:, 2]).sum() == (y[:, 2].size if training else 1)
+    if training:
+        assert np.isnan(rm[2]) and not np.isnan(rm[[0, 1, 3]]).any()
+
+
+def test_running_stats_update_formula(backend, rng):
+    x = rng.standard_normal((10, 3, 4)) * 3 + 2
+    rm, rv = np.array([1.0, 2.0, 3.0]), np.array([4.0, 5.0, 6.0])
+    old_rm, old_rv = rm.copy(), rv.copy()
+    fastbn.batch_norm(x, rm, rv, training=True, momentum=0.25, backend=backend)
+    mean = x.mean(axis=(0, 2))
+    var = x.var(axis=(0, 2), ddof=1)
+    np.testing.assert_allclose(rm, 0.75 * old_rm + 0.25 * mean, rtol=1e-13)
+    np.testing.assert_allclose(rv, 0.75 * old_rv + 0.25 * var, rtol=1e-13)
+
+
+def test_float32_running_stats_keep_dtype(backend, rng):
+    rm, rv = np.zeros(3, np.float32), np.ones(3, np.float32)
+    fastbn.batch_norm(rng.standard_normal((4, 3)), rm, rv, training=True, backend=backend)
+    assert rm.dtype == np.float32 and rv.dtype == np.float32
+
+
+def test_training_without_running_stats_and_return_stats(backend, rng):
+    x = rng.standard_normal((6, 3, 5))
+    y, mean, invstd = fastbn.batch_norm(x, None, None, training=True, eps=0.5, return_stats=True,
+                                        backend=backend)
+    np.testing.assert_allclose(mean, x.mean(axis=(0, 2)), rtol=1e-12)
+    np.testing.assert_allclose(invstd, 1 / np.sqrt(x.var(axis=(0, 2)) + 0.5), rtol=1e-12)
+
+
+def test_eval_return_stats_are_running_ones(backend):
+    x = np.ones((2, 2, 3))
+    _, mean, invstd = fastbn.batch_norm(x, [1.0, 2.0], [3.0, 0.0], eps=1.0, return_stats=True,
+                                        backend=backend)
+    np.testing.assert_array_equal(mean, [1.0, 2.0])
+    np.testing.assert_allclose(invstd, [0.5, 1.0])
+
+
+def test_eval_accepts_array_likes(backend):
+    y = fastbn.batch_norm([[1.0, 2.0], [3.0, 4.0]], [2.0, 3.0], [1.0, 1.0], [2, 2], [0, 1],
+                          eps=0.0, backend=backend)
+    np.testing.assert_allclose(y, [[-2.0, -1.0], [2.0, 3.0]])
+
+
+def test_backward_matches_finite_differences(backend, rng):
+    x = rng.standard_normal((3, 2, 4))
+    weight, bias = rng.standard_normal(2), rng.standard_normal(2)
+    dy = rng.standard_normal(x.shape)
+
+    def loss(xx):
+        return np.sum(fastbn.batch_norm(xx, None, None, weight, bias, True, backend=backend) * dy)
+
+    y, mean, invstd = fastbn.batch_norm(x, None, None, weight, bias, True, return_stats=True)
+    dx, _, _ = fastbn.batch_norm_backward(dy, x, mean, invstd, weight, backend=backend)
+    numeric = np.zeros_like(x)
+    h = 1e-6
+    for i in np.ndindex(x.shape):
+        e = np.zeros_like(x)
+        e[i] = h
+        numeric[i] = (loss(x + e) - loss(x - e)) / (2 * h)
+    np.testing.assert_allclose(dx, numeric, atol=1e-6)
+
+
+def test_default_backend_is_fastest_available():
+    from fastbn._backends import get_backend
+    assert get_backend(None).__name__ == {
+        "cython": "fastbn._kernels", "numba": "fastbn._numba_kernels",
+        "numpy": "fastbn._reference"}[fastbn.available_backends()[0]]
