@@ -28,13 +28,31 @@ def _compiler_has_openmp(compiler) -> bool:
     return True
 
 
+def _compiler_accepts(compiler, flag: str) -> bool:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "check_flag.c")
+        with open(path, "w") as f:
+            f.write("int main(void) { return 0; }\n")
+        try:
+            compiler.compile([path], output_dir=tmp, extra_postargs=[flag])
+        except Exception:
+            return False
+    return True
+
+
 class BuildExtOpenMP(build_ext):
     def build_extensions(self):
         use_openmp = os.environ.get("FASTBN_DISABLE_OPENMP", "") == "" and \
             _compiler_has_openmp(self.compiler)
         if not use_openmp:
             print("fastbn: the compiler has no OpenMP; building the serial kernels", file=sys.stderr)
+        # Built from source on the machine that runs it: use its SIMD (AVX2/AVX-512) unless asked
+        # not to (FASTBN_PORTABLE=1 for binaries that move between machines).
+        native = os.environ.get("FASTBN_PORTABLE", "") == "" and _compiler_accepts(
+            self.compiler, "-march=native")
         for ext in self.extensions:
+            if native:
+                ext.extra_compile_args += ["-march=native"]
             if use_openmp:
                 ext.extra_compile_args += ["-fopenmp"]
                 ext.extra_link_args += ["-fopenmp"]

@@ -1,4 +1,36 @@
-"""Cython + OpenMP kernels (backend "cython")."""
+"""Cython + OpenMP kernels: backend "cython".
+
+The same four functions as :mod:`fastbn._reference` (see its docstring for the interface), on
+C-contiguous ``(outer, C, inner)`` float32/float64 arrays. Two layouts:
+
+* channels-first (``inner > 1``): a block is a segment of one ``(n, c)`` row; rows are short
+  enough to sit in L1/L2 while a block is processed.
+* channels-last (``inner == 1``): a block is a run of whole rows; every loop runs across the
+  contiguous channels, so it vectorizes.
+
+Determinism: blocks are fixed by the shape alone (never by the thread count), each block's
+partial sums are written to its own slot, and slots are added in block order. Any thread count
+therefore gives bitwise-identical results.
+
+Accuracy: statistics are sums of ``x - shift`` and ``(x - shift)**2`` in float64, where the
+shift is the channel's first value (a constant channel gets an exact mean and zero variance).
+Normalization computes ``((x - mean_hi) - mean_lo) * scale + shift`` in the data's dtype, where
+``mean_hi + mean_lo`` is the float64 mean split into two numbers of that dtype, so the
+subtraction is exact even when ``|mean| >> std``.
+
+Cache blocking: in channels-first training forward and backward, channels are processed in
+groups whose data fits in about half the last-level cache; the second pass over a group
+(normalize, or dx) then reads from cache instead of DRAM.
+"""
+from cython cimport floating
+from cython.parallel cimport prange
+from libc.math cimport sqrt
+from libc.string cimport memset
+
+cimport numpy as cnp
+import numpy as np
+
+cnp.import_array()
 
 cdef extern from *:
     """
@@ -8,16 +40,618 @@ cdef extern from *:
     #else
     #define FASTBN_OPENMP 0
     static int omp_get_max_threads(void) { return 1; }
-    static int omp_get_thread_num(void) { return 0; }
     #endif
     """
     bint FASTBN_OPENMP
     int omp_get_max_threads() noexcept nogil
-    int omp_get_thread_num() noexcept nogil
 
 OPENMP_ENABLED = bool(FASTBN_OPENMP)
+
+# Tuning constants (measured on the project machine; see bench/). None of them depends on the
+# thread count, so changing threads never changes results.
+cdef Py_ssize_t SEGMENT = 16384          # elements per channels-first block
+cdef Py_ssize_t ROW_BLOCK_BYTES = 65536  # bytes per channels-last block (at least one row)
+cdef Py_ssize_t MAX_ROW_BLOCKS = 64      # cap on channels-last blocks (bounds the partials)
+cdef Py_ssize_t CHANNEL_TILE = 512       # channels-last accumulators stay in L1
+cdef Py_ssize_t GROUP_BYTES = 4 << 20    # channels-first cache-blocking group size
+cdef Py_ssize_t SERIAL_BELOW = 1 << 15   # elements; smaller calls run on one thread
 
 
 def openmp_max_threads():
     """OpenMP's current thread limit (follows OMP_NUM_THREADS and threadpoolctl); 1 without OpenMP."""
     return omp_get_max_threads()
+
+
+# ----------------------------------------------------------------------------- block layout
+
+cdef struct Layout:
+    Py_ssize_t outer, channels, inner
+    Py_ssize_t nseg, seglen          # channels-first: segments per (n, c) row and their length
+    Py_ssize_t nblocks, block_rows   # channels-last: row blocks and rows per block
+    int threads
+
+
+cdef Layout _layout(cnp.ndarray x, int num_threads):
+    cdef Layout L
+    L.outer = x.shape[0]
+    L.channels = x.shape[1]
+    L.inner = x.shape[2]
+    L.nseg = max(1, (L.inner + SEGMENT - 1) // SEGMENT)
+    L.seglen = (L.inner + L.nseg - 1) // L.nseg
+    L.block_rows = max(1, ROW_BLOCK_BYTES // max(1, L.channels * x.itemsize))
+    L.nblocks = max(1, (L.outer + L.block_rows - 1) // L.block_rows)
+    if L.nblocks > MAX_ROW_BLOCKS:
+        L.nblocks = MAX_ROW_BLOCKS
+        L.block_rows = (L.outer + L.nblocks - 1) // L.nblocks
+    L.threads = 1 if x.size < SERIAL_BELOW else max(1, num_threads)
+    return L
+
+
+cdef Py_ssize_t _group_channels(Layout L, Py_ssize_t bytes_per_value):
+    """How many channels-first channels to process together so their data fits the cache."""
+    cdef Py_ssize_t per_channel = L.outer * L.inner * bytes_per_value
+    return max(1, min(L.channels, GROUP_BYTES // max(1, per_channel)))
+
+
+# ----------------------------------------------------------------------------- span primitives
+# Eight independent accumulators: the loops vectorize without reassociating any sum.
+
+cdef inline void _span_sums(const floating* x, Py_ssize_t n, double shift,
+                            double* sum1, double* sum2) noexcept nogil:
+    """sum1 = sum(x - shift), sum2 = sum((x - shift)**2) over a contiguous span."""
+    cdef double a[8]
+    cdef double b[8]
+    cdef double d
+    cdef Py_ssize_t i = 0, k
+    for k in range(8):
+        a[k] = 0.0
+        b[k] = 0.0
+    while i + 8 <= n:
+        for k in range(8):
+            d = <double> x[i + k] - shift
+            a[k] += d
+            b[k] += d * d
+        i += 8
+    for k in range(n - i):
+        d = <double> x[i + k] - shift
+        a[k] += d
+        b[k] += d * d
+    sum1[0] = ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]))
+    sum2[0] = ((b[0] + b[1]) + (b[2] + b[3])) + ((b[4] + b[5]) + (b[6] + b[7]))
+
+
+cdef inline void _span_grad_sums(const floating* dy, const floating* x, const floating* output,
+                                 Py_ssize_t n, double mean,
+                                 double* sum_dy, double* sum_dy_xmu) noexcept nogil:
+    """sum(g), sum(g * (x - mean)) with g = dy, masked where output <= 0 when output is given."""
+    cdef double a[8]
+    cdef double b[8]
+    cdef double g
+    cdef Py_ssize_t i = 0, k
+    for k in range(8):
+        a[k] = 0.0
+        b[k] = 0.0
+    while i + 8 <= n:
+        for k in range(8):
+            g = <double> dy[i + k]
+            if output != NULL and not output[i + k] > 0:
+                g = 0.0
+            a[k] += g
+            b[k] += g * (<double> x[i + k] - mean)
+        i += 8
+    for k in range(n - i):
+        g = <double> dy[i + k]
+        if output != NULL and not output[i + k] > 0:
+            g = 0.0
+        a[k] += g
+        b[k] += g * (<double> x[i + k] - mean)
+    sum_dy[0] = ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]))
+    sum_dy_xmu[0] = ((b[0] + b[1]) + (b[2] + b[3])) + ((b[4] + b[5]) + (b[6] + b[7]))
+
+
+cdef inline void _span_affine(const floating* x, floating* y, const floating* residual,
+                              bint relu, Py_ssize_t n, floating hi, floating lo,
+                              floating scale, floating shift) noexcept nogil:
+    """y = act(((x - hi) - lo) * scale + shift + residual) over a span of one channel."""
+    cdef Py_ssize_t i
+    cdef floating v
+    if residual == NULL and not relu:
+        for i in range(n):
+            y[i] = ((x[i] - hi) - lo) * scale + shift
+    elif residual == NULL:
+        for i in range(n):
+            v = ((x[i] - hi) - lo) * scale + shift
+            y[i] = 0 if v <= 0 else v
+    elif not relu:
+        for i in range(n):
+            y[i] = ((x[i] - hi) - lo) * scale + shift + residual[i]
+    else:
+        for i in range(n):
+            v = ((x[i] - hi) - lo) * scale + shift + residual[i]
+            y[i] = 0 if v <= 0 else v
+
+
+cdef inline void _row_affine(const floating* x, floating* y, const floating* residual, bint relu,
+                             Py_ssize_t n, const floating* hi, const floating* lo,
+                             const floating* scale, const floating* shift) noexcept nogil:
+    """The same across one channels-last row: one parameter per channel."""
+    cdef Py_ssize_t c
+    cdef floating v
+    if residual == NULL and not relu:
+        for c in range(n):
+            y[c] = ((x[c] - hi[c]) - lo[c]) * scale[c] + shift[c]
+    elif residual == NULL:
+        for c in range(n):
+            v = ((x[c] - hi[c]) - lo[c]) * scale[c] + shift[c]
+            y[c] = 0 if v <= 0 else v
+    elif not relu:
+        for c in range(n):
+            y[c] = ((x[c] - hi[c]) - lo[c]) * scale[c] + shift[c] + residual[c]
+    else:
+        for c in range(n):
+            v = ((x[c] - hi[c]) - lo[c]) * scale[c] + shift[c] + residual[c]
+            y[c] = 0 if v <= 0 else v
+
+
+cdef inline void _span_dx(const floating* dy, const floating* x, const floating* output,
+                          floating* dx, Py_ssize_t n, floating a, floating hi, floating lo,
+                          floating b, floating c) noexcept nogil:
+    """dx = g * a + ((x - hi) - lo) * b + c over a span of one channel."""
+    cdef Py_ssize_t i
+    if output == NULL:
+        for i in range(n):
+            dx[i] = dy[i] * a + ((x[i] - hi) - lo) * b + c
+    else:
+        for i in range(n):
+            dx[i] = (dy[i] * a if output[i] > 0 else 0) + ((x[i] - hi) - lo) * b + c
+
+
+cdef inline void _row_dx(const floating* dy, const floating* x, const floating* output,
+                         floating* dx, Py_ssize_t n, const floating* a, const floating* hi,
+                         const floating* lo, const floating* b, const floating* c) noexcept nogil:
+    cdef Py_ssize_t k
+    if output == NULL:
+        for k in range(n):
+            dx[k] = dy[k] * a[k] + ((x[k] - hi[k]) - lo[k]) * b[k] + c[k]
+    else:
+        for k in range(n):
+            dx[k] = (dy[k] * a[k] if output[k] > 0 else 0) + ((x[k] - hi[k]) - lo[k]) * b[k] + c[k]
+
+
+# ----------------------------------------------------------------------------- block passes
+
+cdef void _cf_partials(const floating* x, const floating* dy, const floating* output,
+                       Layout L, Py_ssize_t c0, Py_ssize_t c1, const double* center,
+                       double* part1, double* part2) noexcept nogil:
+    """Channels-first partial sums of the blocks of channels [c0, c1), block order c, n, seg.
+
+    Without dy: shifted moments of x about `center`; with dy: the gradient sums.
+    """
+    cdef Py_ssize_t per_channel = L.outer * L.nseg
+    cdef Py_ssize_t nb = (c1 - c0) * per_channel
+    cdef Py_ssize_t blk, c, n, start, offset
+    for blk in prange(nb, schedule="static", num_threads=L.threads):
+        c = c0 + blk // per_channel
+        n = (blk // L.nseg) % L.outer
+        start = (blk % L.nseg) * L.seglen
+        offset = (n * L.channels + c) * L.inner + start
+        if dy == NULL:
+            _span_sums(x + offset, min(L.seglen, L.inner - start), center[c],
+                       &part1[blk], &part2[blk])
+        else:
+            _span_grad_sums(dy + offset, x + offset,
+                            NULL if output == NULL else output + offset,
+                            min(L.seglen, L.inner - start), center[c], &part1[blk], &part2[blk])
+
+
+cdef void _cf_reduce(Layout L, Py_ssize_t c0, Py_ssize_t c1, const double* part1,
+                     const double* part2, double* total1, double* total2) noexcept nogil:
+    """Add each channel's block partials in block order."""
+    cdef Py_ssize_t per_channel = L.outer * L.nseg
+    cdef Py_ssize_t c, k, base
+    cdef double s1, s2
+    for c in range(c0, c1):
+        base = (c - c0) * per_channel
+        s1 = 0.0
+        s2 = 0.0
+        for k in range(per_channel):
+            s1 += part1[base + k]
+            s2 += part2[base + k]
+        total1[c] = s1
+        total2[c] = s2
+
+
+cdef void _cl_partials(const floating* x, const floating* dy, const floating* output,
+                       Layout L, const double* center, double* part1,
+                       double* part2) noexcept nogil:
+    """Channels-last partial sums: part[blk, c] for each block of rows (zeroed by the caller)."""
+    cdef Py_ssize_t C = L.channels
+    cdef Py_ssize_t blk, r, r1, c, t, t1, offset
+    cdef double d, g
+    cdef double* p1
+    cdef double* p2
+    for blk in prange(L.nblocks, schedule="static", num_threads=L.threads):
+        p1 = part1 + blk * C
+        p2 = part2 + blk * C
+        r1 = min(L.outer, (blk + 1) * L.block_rows)
+        t = 0
+        while t < C:
+            t1 = min(C, t + CHANNEL_TILE)
+            for r in range(blk * L.block_rows, r1):
+                offset = r * C
+                if dy == NULL:
+                    for c in range(t, t1):
+                        d = <double> x[offset + c] - center[c]
+                        p1[c] += d
+                        p2[c] += d * d
+                else:
+                    for c in range(t, t1):
+                        g = <double> dy[offset + c]
+                        if output != NULL and not output[offset + c] > 0:
+                            g = 0.0
+                        p1[c] += g
+                        p2[c] += g * (<double> x[offset + c] - center[c])
+            t = t1
+
+
+cdef void _cl_reduce(Layout L, const double* part1, const double* part2,
+                     double* total1, double* total2) noexcept nogil:
+    cdef Py_ssize_t C = L.channels
+    cdef Py_ssize_t blk, c
+    for c in range(C):
+        total1[c] = 0.0
+        total2[c] = 0.0
+    for blk in range(L.nblocks):
+        for c in range(C):
+            total1[c] += part1[blk * C + c]
+            total2[c] += part2[blk * C + c]
+
+
+cdef void _affine_pass(const floating* x, floating* y, const floating* residual, bint relu,
+                       Layout L, Py_ssize_t c0, Py_ssize_t c1, const floating* hi,
+                       const floating* lo, const floating* scale,
+                       const floating* shift) noexcept nogil:
+    """y = act(((x - hi) - lo) * scale + shift + residual) for channels [c0, c1)."""
+    cdef Py_ssize_t per_channel = L.outer * L.nseg
+    cdef Py_ssize_t blk, c, n, start, offset, r, r1
+    if L.inner == 1:
+        for blk in prange(L.nblocks, schedule="static", num_threads=L.threads):
+            r1 = min(L.outer, (blk + 1) * L.block_rows)
+            for r in range(blk * L.block_rows, r1):
+                offset = r * L.channels
+                _row_affine(x + offset, y + offset, NULL if residual == NULL else residual + offset,
+                            relu, L.channels, hi, lo, scale, shift)
+        return
+    for blk in prange((c1 - c0) * per_channel, schedule="static", num_threads=L.threads):
+        c = c0 + blk // per_channel
+        n = (blk // L.nseg) % L.outer
+        start = (blk % L.nseg) * L.seglen
+        offset = (n * L.channels + c) * L.inner + start
+        _span_affine(x + offset, y + offset, NULL if residual == NULL else residual + offset,
+                     relu, min(L.seglen, L.inner - start), hi[c], lo[c], scale[c], shift[c])
+
+
+cdef void _dx_pass(const floating* dy, const floating* x, const floating* output, floating* dx,
+                   Layout L, Py_ssize_t c0, Py_ssize_t c1, const floating* a,
+                   const floating* hi, const floating* lo, const floating* b,
+                   const floating* c_) noexcept nogil:
+    cdef Py_ssize_t per_channel = L.outer * L.nseg
+    cdef Py_ssize_t blk, c, n, start, offset, r, r1
+    if L.inner == 1:
+        for blk in prange(L.nblocks, schedule="static", num_threads=L.threads):
+            r1 = min(L.outer, (blk + 1) * L.block_rows)
+            for r in range(blk * L.block_rows, r1):
+                offset = r * L.channels
+                _row_dx(dy + offset, x + offset, NULL if output == NULL else output + offset,
+                        dx + offset, L.channels, a, hi, lo, b, c_)
+        return
+    for blk in prange((c1 - c0) * per_channel, schedule="static", num_threads=L.threads):
+        c = c0 + blk // per_channel
+        n = (blk // L.nseg) % L.outer
+        start = (blk % L.nseg) * L.seglen
+        offset = (n * L.channels + c) * L.inner + start
+        _span_dx(dy + offset, x + offset, NULL if output == NULL else output + offset,
+                 dx + offset, min(L.seglen, L.inner - start), a[c], hi[c], lo[c], b[c], c_[c])
+
+
+# ----------------------------------------------------------------------------- per-channel math
+
+cdef void _shift_of(const floating* x, Layout L, double* shift) noexcept nogil:
+    """Each channel's first value: the shift of its sums (exact mean for a constant channel)."""
+    cdef Py_ssize_t c
+    for c in range(L.channels):
+        shift[c] = <double> x[c * L.inner] if L.outer > 0 and L.inner > 0 else 0.0
+
+
+cdef void _finish_moments(Py_ssize_t count, const double* shift, const double* sum1,
+                          const double* sum2, Py_ssize_t c0, Py_ssize_t c1, double* mean,
+                          double* m2) noexcept nogil:
+    cdef Py_ssize_t c
+    cdef double mean_shifted, value
+    for c in range(c0, c1):
+        if count == 0:
+            mean[c] = 0.0
+            m2[c] = 0.0
+            continue
+        mean_shifted = sum1[c] / count
+        value = sum2[c] - sum1[c] * mean_shifted
+        m2[c] = 0.0 if value < 0 else value     # NaN stays NaN
+        mean[c] = shift[c] + mean_shifted
+
+
+cdef void _split_mean(const double* mean, floating* hi, floating* lo, Py_ssize_t c0,
+                      Py_ssize_t c1) noexcept nogil:
+    """mean = hi + lo with hi, lo in the data's dtype (exact subtraction for float32 data)."""
+    cdef Py_ssize_t c
+    for c in range(c0, c1):
+        hi[c] = <floating> mean[c]
+        lo[c] = <floating> (mean[c] - <double> hi[c])
+
+
+cdef void _forward_coefficients(const double* mean, const double* m2, Py_ssize_t count,
+                                const double* weight, const double* bias, double eps,
+                                Py_ssize_t c0, Py_ssize_t c1, double* var, floating* hi,
+                                floating* lo, floating* scale, floating* shift) noexcept nogil:
+    cdef Py_ssize_t c
+    for c in range(c0, c1):
+        var[c] = m2[c] / count
+        scale[c] = <floating> (weight[c] / sqrt(var[c] + eps))
+        shift[c] = <floating> bias[c]
+    _split_mean(mean, hi, lo, c0, c1)
+
+
+cdef void _backward_coefficients(const double* sum_dy, const double* sum_dy_xmu,
+                                 const double* mean, const double* invstd, const double* weight,
+                                 Py_ssize_t count, bint training, Py_ssize_t c0, Py_ssize_t c1,
+                                 floating* a, floating* hi, floating* lo, floating* b,
+                                 floating* c_) noexcept nogil:
+    """dx = g*a + (x - mean)*b + c: b = -a*invstd^2*mean(g*xmu), c = -a*mean(g) in training."""
+    cdef Py_ssize_t c
+    cdef double scale
+    for c in range(c0, c1):
+        scale = weight[c] * invstd[c]
+        a[c] = <floating> scale
+        if training and count > 0:
+            b[c] = <floating> (-scale * invstd[c] * invstd[c] * sum_dy_xmu[c] / count)
+            c_[c] = <floating> (-scale * sum_dy[c] / count)
+        else:
+            b[c] = 0
+            c_[c] = 0
+    _split_mean(mean, hi, lo, c0, c1)
+
+
+# ----------------------------------------------------------------------------- typed drivers
+
+cdef void _moments(const floating* x, Layout L, double* shift, double* sum1, double* sum2,
+                   double* part1, double* part2, double* mean, double* m2) noexcept nogil:
+    _shift_of(x, L, shift)
+    if L.inner == 1:
+        _cl_partials(x, <floating*> NULL, <floating*> NULL, L, shift, part1, part2)
+        _cl_reduce(L, part1, part2, sum1, sum2)
+    else:
+        _cf_partials(x, <floating*> NULL, <floating*> NULL, L, 0, L.channels, shift, part1, part2)
+        _cf_reduce(L, 0, L.channels, part1, part2, sum1, sum2)
+    _finish_moments(L.outer * L.inner, shift, sum1, sum2, 0, L.channels, mean, m2)
+
+
+cdef void _train_forward(const floating* x, floating* y, const floating* residual, bint relu,
+                         Layout L, Py_ssize_t group, const double* weight, const double* bias,
+                         double eps, double* shift, double* sum1, double* sum2, double* part1,
+                         double* part2, double* mean, double* m2, double* var, floating* hi,
+                         floating* lo, floating* scale, floating* shift_out) noexcept nogil:
+    cdef Py_ssize_t count = L.outer * L.inner
+    cdef Py_ssize_t c0, c1
+    _shift_of(x, L, shift)
+    if L.inner == 1:
+        _cl_partials(x, <floating*> NULL, <floating*> NULL, L, shift, part1, part2)
+        _cl_reduce(L, part1, part2, sum1, sum2)
+        _finish_moments(count, shift, sum1, sum2, 0, L.channels, mean, m2)
+        _forward_coefficients(mean, m2, count, weight, bias, eps, 0, L.channels, var, hi, lo,
+                              scale, shift_out)
+        _affine_pass(x, y, residual, relu, L, 0, L.channels, hi, lo, scale, shift_out)
+        return
+    c0 = 0
+    while c0 < L.channels:
+        c1 = min(L.channels, c0 + group)
+        _cf_partials(x, <floating*> NULL, <floating*> NULL, L, c0, c1, shift, part1, part2)
+        _cf_reduce(L, c0, c1, part1, part2, sum1, sum2)
+        _finish_moments(count, shift, sum1, sum2, c0, c1, mean, m2)
+        _forward_coefficients(mean, m2, count, weight, bias, eps, c0, c1, var, hi, lo, scale,
+                              shift_out)
+        _affine_pass(x, y, residual, relu, L, c0, c1, hi, lo, scale, shift_out)
+        c0 = c1
+
+
+cdef void _backward(const floating* dy, const floating* x, const floating* output, floating* dx,
+                    Layout L, Py_ssize_t group, const double* mean, const double* invstd,
+                    const double* weight, bint training, double* sum_dy, double* sum_dy_xmu,
+                    double* part1, double* part2, floating* a, floating* hi, floating* lo,
+                    floating* b, floating* c_) noexcept nogil:
+    cdef Py_ssize_t count = L.outer * L.inner
+    cdef Py_ssize_t c0, c1
+    if L.inner == 1:
+        _cl_partials(x, dy, output, L, mean, part1, part2)
+        _cl_reduce(L, part1, part2, sum_dy, sum_dy_xmu)
+        _backward_coefficients(sum_dy, sum_dy_xmu, mean, invstd, weight, count, training, 0,
+                               L.channels, a, hi, lo, b, c_)
+        _dx_pass(dy, x, output, dx, L, 0, L.channels, a, hi, lo, b, c_)
+        return
+    c0 = 0
+    while c0 < L.channels:
+        c1 = min(L.channels, c0 + group)
+        _cf_partials(x, dy, output, L, c0, c1, mean, part1, part2)
+        _cf_reduce(L, c0, c1, part1, part2, sum_dy, sum_dy_xmu)
+        _backward_coefficients(sum_dy, sum_dy_xmu, mean, invstd, weight, count, training, c0, c1,
+                               a, hi, lo, b, c_)
+        _dx_pass(dy, x, output, dx, L, c0, c1, a, hi, lo, b, c_)
+        c0 = c1
+
+
+# ----------------------------------------------------------------------------- Python entry points
+# Each entry point builds its scratch arrays, then runs the typed driver without the GIL. The
+# dtype is chosen once, by casting NULL to the data's pointer type (the fused-type tag).
+
+cdef inline void* _ptr(object a):
+    """The data pointer of an optional array (NULL for None)."""
+    return NULL if a is None else cnp.PyArray_DATA(<cnp.ndarray> a)
+
+
+cdef inline double* _f64(cnp.ndarray a):
+    return <double*> cnp.PyArray_DATA(a)
+
+
+cdef _partials(Layout L, Py_ssize_t group):
+    """Zeroed scratch for block partials: channels-last needs blocks x C, channels-first one
+    slot per block of a channel group."""
+    cdef Py_ssize_t size = L.nblocks * L.channels if L.inner == 1 else group * L.outer * L.nseg
+    return np.zeros(max(size, 1)), np.zeros(max(size, 1))
+
+
+cdef _run_moments(floating* tag, cnp.ndarray x, Layout L):
+    cdef Py_ssize_t C = L.channels
+    cdef cnp.ndarray shift = np.empty(C), sum1 = np.empty(C), sum2 = np.empty(C)
+    cdef cnp.ndarray mean = np.empty(C), m2 = np.empty(C)
+    cdef cnp.ndarray part1, part2
+    part1, part2 = _partials(L, C)
+    cdef floating* xp = <floating*> _ptr(x)
+    cdef double* shift_p = _f64(shift)
+    cdef double* sum1_p = _f64(sum1)
+    cdef double* sum2_p = _f64(sum2)
+    cdef double* part1_p = _f64(part1)
+    cdef double* part2_p = _f64(part2)
+    cdef double* mean_p = _f64(mean)
+    cdef double* m2_p = _f64(m2)
+    with nogil:
+        _moments(xp, L, shift_p, sum1_p, sum2_p, part1_p, part2_p, mean_p, m2_p)
+    return L.outer * L.inner, mean, m2
+
+
+cdef _run_normalize(floating* tag, cnp.ndarray x, cnp.ndarray mean, cnp.ndarray scale,
+                    cnp.ndarray shift, residual, bint relu, cnp.ndarray out, Layout L):
+    cdef object dtype = x.dtype
+    cdef cnp.ndarray mean_c = np.ascontiguousarray(mean, dtype=np.float64)
+    cdef cnp.ndarray hi = np.empty(L.channels, dtype), lo = np.empty(L.channels, dtype)
+    cdef cnp.ndarray scale_c = np.ascontiguousarray(scale, dtype=dtype)
+    cdef cnp.ndarray shift_c = np.ascontiguousarray(shift, dtype=dtype)
+    cdef floating* xp = <floating*> _ptr(x)
+    cdef floating* yp = <floating*> _ptr(out)
+    cdef floating* rp = <floating*> _ptr(residual)
+    cdef floating* hi_p = <floating*> _ptr(hi)
+    cdef floating* lo_p = <floating*> _ptr(lo)
+    cdef floating* scale_p = <floating*> _ptr(scale_c)
+    cdef floating* shift_p = <floating*> _ptr(shift_c)
+    cdef double* mean_p = _f64(mean_c)
+    with nogil:
+        _split_mean(mean_p, hi_p, lo_p, 0, L.channels)
+        _affine_pass(xp, yp, rp, relu, L, 0, L.channels, hi_p, lo_p, scale_p, shift_p)
+
+
+cdef _run_train_forward(floating* tag, cnp.ndarray x, cnp.ndarray weight, cnp.ndarray bias,
+                        double eps, residual, bint relu, cnp.ndarray out, Layout L):
+    cdef Py_ssize_t C = L.channels
+    cdef Py_ssize_t group = _group_channels(L, x.itemsize)
+    cdef object dtype = x.dtype
+    cdef cnp.ndarray shift = np.empty(C), sum1 = np.empty(C), sum2 = np.empty(C)
+    cdef cnp.ndarray mean = np.empty(C), m2 = np.empty(C), var = np.empty(C)
+    cdef cnp.ndarray hi = np.empty(C, dtype), lo = np.empty(C, dtype)
+    cdef cnp.ndarray scale = np.empty(C, dtype), shift_out = np.empty(C, dtype)
+    cdef cnp.ndarray part1, part2
+    part1, part2 = _partials(L, group)
+    cdef floating* xp = <floating*> _ptr(x)
+    cdef floating* yp = <floating*> _ptr(out)
+    cdef floating* rp = <floating*> _ptr(residual)
+    cdef double* weight_p = _f64(weight)
+    cdef double* bias_p = _f64(bias)
+    cdef double* shift_p = _f64(shift)
+    cdef double* sum1_p = _f64(sum1)
+    cdef double* sum2_p = _f64(sum2)
+    cdef double* part1_p = _f64(part1)
+    cdef double* part2_p = _f64(part2)
+    cdef double* mean_p = _f64(mean)
+    cdef double* m2_p = _f64(m2)
+    cdef double* var_p = _f64(var)
+    cdef floating* hi_p = <floating*> _ptr(hi)
+    cdef floating* lo_p = <floating*> _ptr(lo)
+    cdef floating* scale_p = <floating*> _ptr(scale)
+    cdef floating* shift_out_p = <floating*> _ptr(shift_out)
+    with nogil:
+        _train_forward(xp, yp, rp, relu, L, group, weight_p, bias_p, eps, shift_p, sum1_p,
+                       sum2_p, part1_p, part2_p, mean_p, m2_p, var_p, hi_p, lo_p, scale_p,
+                       shift_out_p)
+    return mean, var
+
+
+cdef _run_backward(floating* tag, cnp.ndarray dy, cnp.ndarray x, cnp.ndarray mean,
+                   cnp.ndarray invstd, cnp.ndarray weight, output, bint training,
+                   cnp.ndarray out, Layout L):
+    cdef Py_ssize_t C = L.channels
+    cdef Py_ssize_t group = _group_channels(L, x.itemsize * (2 if output is None else 3))
+    cdef object dtype = x.dtype
+    cdef cnp.ndarray mean_c = np.ascontiguousarray(mean, dtype=np.float64)
+    cdef cnp.ndarray invstd_c = np.ascontiguousarray(invstd, dtype=np.float64)
+    cdef cnp.ndarray weight_c = np.ascontiguousarray(weight, dtype=np.float64)
+    cdef cnp.ndarray sum_dy = np.empty(C), sum_dy_xmu = np.empty(C)
+    cdef cnp.ndarray a = np.empty(C, dtype), hi = np.empty(C, dtype), lo = np.empty(C, dtype)
+    cdef cnp.ndarray b = np.empty(C, dtype), c_ = np.empty(C, dtype)
+    cdef cnp.ndarray part1, part2
+    part1, part2 = _partials(L, group)
+    cdef floating* dyp = <floating*> _ptr(dy)
+    cdef floating* xp = <floating*> _ptr(x)
+    cdef floating* op = <floating*> _ptr(output)
+    cdef floating* dxp = <floating*> _ptr(out)
+    cdef double* mean_p = _f64(mean_c)
+    cdef double* invstd_p = _f64(invstd_c)
+    cdef double* weight_p = _f64(weight_c)
+    cdef double* sum_dy_p = _f64(sum_dy)
+    cdef double* sum_dy_xmu_p = _f64(sum_dy_xmu)
+    cdef double* part1_p = _f64(part1)
+    cdef double* part2_p = _f64(part2)
+    cdef floating* a_p = <floating*> _ptr(a)
+    cdef floating* hi_p = <floating*> _ptr(hi)
+    cdef floating* lo_p = <floating*> _ptr(lo)
+    cdef floating* b_p = <floating*> _ptr(b)
+    cdef floating* c_p = <floating*> _ptr(c_)
+    with nogil:
+        _backward(dyp, xp, op, dxp, L, group, mean_p, invstd_p, weight_p, training, sum_dy_p,
+                  sum_dy_xmu_p, part1_p, part2_p, a_p, hi_p, lo_p, b_p, c_p)
+    return sum_dy, sum_dy_xmu
+
+
+cdef inline bint _is_float32(cnp.ndarray x):
+    return cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT32
+
+
+def moments(cnp.ndarray x, int num_threads=1):
+    """Per-channel (count, mean, M2) of an (outer, C, inner) array; see fastbn._reference."""
+    cdef Layout L = _layout(x, num_threads)
+    if _is_float32(x):
+        return _run_moments(<float*> NULL, x, L)
+    return _run_moments(<double*> NULL, x, L)
+
+
+def normalize(cnp.ndarray x, cnp.ndarray mean, cnp.ndarray scale, cnp.ndarray shift,
+              residual, bint relu, cnp.ndarray out, int num_threads=1):
+    """out = act((x - mean) * scale + shift + residual); see fastbn._reference."""
+    cdef Layout L = _layout(x, num_threads)
+    if _is_float32(x):
+        _run_normalize(<float*> NULL, x, mean, scale, shift, residual, relu, out, L)
+    else:
+        _run_normalize(<double*> NULL, x, mean, scale, shift, residual, relu, out, L)
+
+
+def train_forward(cnp.ndarray x, cnp.ndarray weight, cnp.ndarray bias, double eps, residual,
+                  bint relu, cnp.ndarray out, int num_threads=1):
+    """Normalize with batch statistics; return (mean, biased var); see fastbn._reference."""
+    cdef Layout L = _layout(x, num_threads)
+    if _is_float32(x):
+        return _run_train_forward(<float*> NULL, x, weight, bias, eps, residual, relu, out, L)
+    return _run_train_forward(<double*> NULL, x, weight, bias, eps, residual, relu, out, L)
+
+
+def backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray mean, cnp.ndarray invstd,
+             cnp.ndarray weight, output, bint training, cnp.ndarray out, int num_threads=1):
+    """dx into `out`; return (sum_dy, sum_dy_xmu); see fastbn._reference."""
+    cdef Layout L = _layout(x, num_threads)
+    if _is_float32(x):
+        return _run_backward(<float*> NULL, dy, x, mean, invstd, weight, output, training, out, L)
+    return _run_backward(<double*> NULL, dy, x, mean, invstd, weight, output, training, out, L)
