@@ -8,9 +8,25 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
 
 _override: int | None = None
 _lock = threading.Lock()
+# GNU OpenMP is not fork-safe: a child forked after the parent ran a parallel region hangs in
+# its next one. Such a child runs fastbn single-threaded instead (and says so once).
+_threads_started = False
+_forked_after_threads = False
+
+
+def _after_fork_in_child() -> None:
+    global _forked_after_threads, _warned
+    _forked_after_threads = _threads_started
+    _warned = False
+
+
+_warned = False
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _cpu_count() -> int:
@@ -73,5 +89,17 @@ def get_num_threads() -> int:
     >>> fastbn.get_num_threads() >= 1
     True
     """
+    global _threads_started, _warned
+    if _forked_after_threads:
+        if not _warned:
+            _warned = True
+            warnings.warn("fastbn runs single-threaded in this process: it was forked after its "
+                          "parent used threads (OpenMP is not fork-safe). Use the 'spawn' or "
+                          "'forkserver' start method for multithreaded kernels in children.",
+                          RuntimeWarning, stacklevel=3)
+        return 1
     n = _override
-    return n if n is not None else _default_num_threads()
+    n = n if n is not None else _default_num_threads()
+    if n > 1:
+        _threads_started = True
+    return n
