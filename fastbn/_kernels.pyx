@@ -45,6 +45,34 @@ cdef extern from *:
     bint FASTBN_OPENMP
     int omp_get_max_threads() noexcept nogil
 
+cdef extern from *:
+    """
+    #include <stdint.h>
+    #include <string.h>
+    #if defined(__AVX__) || defined(__SSE2__)
+    #include <immintrin.h>
+    #endif
+    /* Copy with non-temporal stores: the output bypasses the cache, so writing it costs no
+       read-for-ownership (as in memcpy of large buffers). Ends with a store fence. */
+    static void fastbn_stream(void *dst, const void *src, Py_ssize_t nbytes) {
+        char *d = (char *)dst;
+        const char *s = (const char *)src;
+    #if defined(__AVX__)
+        while (((uintptr_t)d & 31) && nbytes > 0) { *d++ = *s++; nbytes--; }
+        for (; nbytes >= 32; nbytes -= 32, d += 32, s += 32)
+            _mm256_stream_si256((__m256i *)d, _mm256_loadu_si256((const __m256i *)s));
+        _mm_sfence();
+    #elif defined(__SSE2__)
+        while (((uintptr_t)d & 15) && nbytes > 0) { *d++ = *s++; nbytes--; }
+        for (; nbytes >= 16; nbytes -= 16, d += 16, s += 16)
+            _mm_stream_si128((__m128i *)d, _mm_loadu_si128((const __m128i *)s));
+        _mm_sfence();
+    #endif
+        memcpy(d, s, (size_t)nbytes);
+    }
+    """
+    void fastbn_stream(void* dst, const void* src, Py_ssize_t nbytes) noexcept nogil
+
 OPENMP_ENABLED = bool(FASTBN_OPENMP)
 
 # Tuning constants (measured on the project machine; see bench/). None of them depends on the
@@ -55,6 +83,8 @@ cdef Py_ssize_t MAX_ROW_BLOCKS = 64      # cap on channels-last blocks (bounds t
 cdef Py_ssize_t CHANNEL_TILE = 512       # channels-last accumulators stay in L1
 cdef Py_ssize_t GROUP_BYTES = 4 << 20    # channels-first cache-blocking group size
 cdef Py_ssize_t SERIAL_BELOW = 1 << 15   # elements; smaller calls run on one thread
+cdef Py_ssize_t STREAM_ABOVE = 4 << 20   # output bytes; larger outputs bypass the cache
+DEF TILE = 1024                          # elements computed in L1 before a streamed store
 
 
 def openmp_max_threads():
@@ -67,8 +97,11 @@ def openmp_max_threads():
 cdef struct Layout:
     Py_ssize_t outer, channels, inner
     Py_ssize_t nseg, seglen          # channels-first: segments per (n, c) row and their length
+    Py_ssize_t chunk_rows, nchunks   # channels-first: rows n per block, blocks along n
+    Py_ssize_t per_channel           # channels-first: blocks per channel (nchunks * nseg)
     Py_ssize_t nblocks, block_rows   # channels-last: row blocks and rows per block
     int threads
+    bint stream                      # non-temporal stores for the output
 
 
 cdef Layout _layout(cnp.ndarray x, int num_threads):
@@ -78,12 +111,17 @@ cdef Layout _layout(cnp.ndarray x, int num_threads):
     L.inner = x.shape[2]
     L.nseg = max(1, (L.inner + SEGMENT - 1) // SEGMENT)
     L.seglen = (L.inner + L.nseg - 1) // L.nseg
+    # Short rows (7x7 images) are grouped along n so that each block holds about SEGMENT values.
+    L.chunk_rows = max(1, SEGMENT // max(1, L.inner)) if L.nseg == 1 else 1
+    L.nchunks = max(1, (L.outer + L.chunk_rows - 1) // L.chunk_rows)
+    L.per_channel = L.nchunks * L.nseg
     L.block_rows = max(1, ROW_BLOCK_BYTES // max(1, L.channels * x.itemsize))
     L.nblocks = max(1, (L.outer + L.block_rows - 1) // L.block_rows)
     if L.nblocks > MAX_ROW_BLOCKS:
         L.nblocks = MAX_ROW_BLOCKS
         L.block_rows = (L.outer + L.nblocks - 1) // L.nblocks
     L.threads = 1 if x.size < SERIAL_BELOW else max(1, num_threads)
+    L.stream = x.size * x.itemsize > STREAM_ABOVE
     return L
 
 
@@ -218,36 +256,124 @@ cdef inline void _row_dx(const floating* dy, const floating* x, const floating* 
             dx[k] = (dy[k] * a[k] if output[k] > 0 else 0) + ((x[k] - hi[k]) - lo[k]) * b[k] + c[k]
 
 
+cdef inline void _span_affine_out(const floating* x, floating* y, const floating* residual,
+                                  bint relu, Py_ssize_t n, floating hi, floating lo,
+                                  floating scale, floating shift, bint stream) noexcept nogil:
+    """_span_affine, through an L1 tile and non-temporal stores when `stream`."""
+    cdef floating tile[TILE]
+    cdef Py_ssize_t i = 0, m
+    if not stream:
+        _span_affine(x, y, residual, relu, n, hi, lo, scale, shift)
+        return
+    while i < n:
+        m = min(TILE, n - i)
+        _span_affine(x + i, tile, NULL if residual == NULL else residual + i, relu, m, hi, lo,
+                     scale, shift)
+        fastbn_stream(y + i, tile, m * sizeof(floating))
+        i += m
+
+
+cdef inline void _row_affine_out(const floating* x, floating* y, const floating* residual,
+                                 bint relu, Py_ssize_t n, const floating* hi, const floating* lo,
+                                 const floating* scale, const floating* shift,
+                                 bint stream) noexcept nogil:
+    cdef floating tile[TILE]
+    cdef Py_ssize_t i = 0, m
+    if not stream:
+        _row_affine(x, y, residual, relu, n, hi, lo, scale, shift)
+        return
+    while i < n:
+        m = min(TILE, n - i)
+        _row_affine(x + i, tile, NULL if residual == NULL else residual + i, relu, m, hi + i,
+                    lo + i, scale + i, shift + i)
+        fastbn_stream(y + i, tile, m * sizeof(floating))
+        i += m
+
+
+cdef inline void _span_dx_out(const floating* dy, const floating* x, const floating* output,
+                              floating* dx, Py_ssize_t n, floating a, floating hi, floating lo,
+                              floating b, floating c, bint stream) noexcept nogil:
+    cdef floating tile[TILE]
+    cdef Py_ssize_t i = 0, m
+    if not stream:
+        _span_dx(dy, x, output, dx, n, a, hi, lo, b, c)
+        return
+    while i < n:
+        m = min(TILE, n - i)
+        _span_dx(dy + i, x + i, NULL if output == NULL else output + i, tile, m, a, hi, lo, b, c)
+        fastbn_stream(dx + i, tile, m * sizeof(floating))
+        i += m
+
+
+cdef inline void _row_dx_out(const floating* dy, const floating* x, const floating* output,
+                             floating* dx, Py_ssize_t n, const floating* a, const floating* hi,
+                             const floating* lo, const floating* b, const floating* c,
+                             bint stream) noexcept nogil:
+    cdef floating tile[TILE]
+    cdef Py_ssize_t i = 0, m
+    if not stream:
+        _row_dx(dy, x, output, dx, n, a, hi, lo, b, c)
+        return
+    while i < n:
+        m = min(TILE, n - i)
+        _row_dx(dy + i, x + i, NULL if output == NULL else output + i, tile, m, a + i, hi + i,
+                lo + i, b + i, c + i)
+        fastbn_stream(dx + i, tile, m * sizeof(floating))
+        i += m
+
+
 # ----------------------------------------------------------------------------- block passes
+
+cdef struct Block:
+    Py_ssize_t channel, row_begin, row_end, start, length
+
+
+cdef inline Block _cf_block(Layout L, Py_ssize_t c0, Py_ssize_t blk) noexcept nogil:
+    """Channels-first block `blk` of the channels from c0, in order (channel, n-chunk, segment)."""
+    cdef Block B
+    cdef Py_ssize_t k = blk % L.per_channel
+    B.channel = c0 + blk // L.per_channel
+    B.row_begin = (k // L.nseg) * L.chunk_rows
+    B.row_end = min(L.outer, B.row_begin + L.chunk_rows)
+    B.start = (k % L.nseg) * L.seglen
+    B.length = min(L.seglen, L.inner - B.start)
+    return B
+
 
 cdef void _cf_partials(const floating* x, const floating* dy, const floating* output,
                        Layout L, Py_ssize_t c0, Py_ssize_t c1, const double* center,
                        double* part1, double* part2) noexcept nogil:
-    """Channels-first partial sums of the blocks of channels [c0, c1), block order c, n, seg.
+    """Channels-first partial sums of the blocks of channels [c0, c1), one slot per block.
 
     Without dy: shifted moments of x about `center`; with dy: the gradient sums.
     """
-    cdef Py_ssize_t per_channel = L.outer * L.nseg
-    cdef Py_ssize_t nb = (c1 - c0) * per_channel
-    cdef Py_ssize_t blk, c, n, start, offset
-    for blk in prange(nb, schedule="static", num_threads=L.threads):
-        c = c0 + blk // per_channel
-        n = (blk // L.nseg) % L.outer
-        start = (blk % L.nseg) * L.seglen
-        offset = (n * L.channels + c) * L.inner + start
-        if dy == NULL:
-            _span_sums(x + offset, min(L.seglen, L.inner - start), center[c],
-                       &part1[blk], &part2[blk])
-        else:
-            _span_grad_sums(dy + offset, x + offset,
-                            NULL if output == NULL else output + offset,
-                            min(L.seglen, L.inner - start), center[c], &part1[blk], &part2[blk])
+    cdef Py_ssize_t blk, n, offset
+    cdef Block B
+    cdef double s1, s2, t1, t2
+    for blk in prange((c1 - c0) * L.per_channel, schedule="static", num_threads=L.threads):
+        B = _cf_block(L, c0, blk)
+        s1 = 0.0
+        s2 = 0.0
+        t1 = 0.0  # assigned here so that prange makes them thread-private (their address is
+        t2 = 0.0  # taken below, which Cython does not count as an assignment)
+        for n in range(B.row_begin, B.row_end):
+            offset = (n * L.channels + B.channel) * L.inner + B.start
+            if dy == NULL:
+                _span_sums(x + offset, B.length, center[B.channel], &t1, &t2)
+            else:
+                _span_grad_sums(dy + offset, x + offset,
+                                NULL if output == NULL else output + offset, B.length,
+                                center[B.channel], &t1, &t2)
+            s1 = s1 + t1
+            s2 = s2 + t2
+        part1[blk] = s1
+        part2[blk] = s2
 
 
 cdef void _cf_reduce(Layout L, Py_ssize_t c0, Py_ssize_t c1, const double* part1,
                      const double* part2, double* total1, double* total2) noexcept nogil:
     """Add each channel's block partials in block order."""
-    cdef Py_ssize_t per_channel = L.outer * L.nseg
+    cdef Py_ssize_t per_channel = L.per_channel
     cdef Py_ssize_t c, k, base
     cdef double s1, s2
     for c in range(c0, c1):
@@ -312,46 +438,48 @@ cdef void _affine_pass(const floating* x, floating* y, const floating* residual,
                        const floating* lo, const floating* scale,
                        const floating* shift) noexcept nogil:
     """y = act(((x - hi) - lo) * scale + shift + residual) for channels [c0, c1)."""
-    cdef Py_ssize_t per_channel = L.outer * L.nseg
-    cdef Py_ssize_t blk, c, n, start, offset, r, r1
+    cdef Py_ssize_t blk, n, offset, r, r1
+    cdef Block B
     if L.inner == 1:
         for blk in prange(L.nblocks, schedule="static", num_threads=L.threads):
             r1 = min(L.outer, (blk + 1) * L.block_rows)
             for r in range(blk * L.block_rows, r1):
                 offset = r * L.channels
-                _row_affine(x + offset, y + offset, NULL if residual == NULL else residual + offset,
-                            relu, L.channels, hi, lo, scale, shift)
+                _row_affine_out(x + offset, y + offset,
+                                NULL if residual == NULL else residual + offset, relu, L.channels,
+                                hi, lo, scale, shift, L.stream)
         return
-    for blk in prange((c1 - c0) * per_channel, schedule="static", num_threads=L.threads):
-        c = c0 + blk // per_channel
-        n = (blk // L.nseg) % L.outer
-        start = (blk % L.nseg) * L.seglen
-        offset = (n * L.channels + c) * L.inner + start
-        _span_affine(x + offset, y + offset, NULL if residual == NULL else residual + offset,
-                     relu, min(L.seglen, L.inner - start), hi[c], lo[c], scale[c], shift[c])
+    for blk in prange((c1 - c0) * L.per_channel, schedule="static", num_threads=L.threads):
+        B = _cf_block(L, c0, blk)
+        for n in range(B.row_begin, B.row_end):
+            offset = (n * L.channels + B.channel) * L.inner + B.start
+            _span_affine_out(x + offset, y + offset,
+                             NULL if residual == NULL else residual + offset, relu, B.length,
+                             hi[B.channel], lo[B.channel], scale[B.channel], shift[B.channel],
+                             L.stream)
 
 
 cdef void _dx_pass(const floating* dy, const floating* x, const floating* output, floating* dx,
                    Layout L, Py_ssize_t c0, Py_ssize_t c1, const floating* a,
                    const floating* hi, const floating* lo, const floating* b,
                    const floating* c_) noexcept nogil:
-    cdef Py_ssize_t per_channel = L.outer * L.nseg
-    cdef Py_ssize_t blk, c, n, start, offset, r, r1
+    cdef Py_ssize_t blk, n, offset, r, r1
+    cdef Block B
     if L.inner == 1:
         for blk in prange(L.nblocks, schedule="static", num_threads=L.threads):
             r1 = min(L.outer, (blk + 1) * L.block_rows)
             for r in range(blk * L.block_rows, r1):
                 offset = r * L.channels
-                _row_dx(dy + offset, x + offset, NULL if output == NULL else output + offset,
-                        dx + offset, L.channels, a, hi, lo, b, c_)
+                _row_dx_out(dy + offset, x + offset, NULL if output == NULL else output + offset,
+                            dx + offset, L.channels, a, hi, lo, b, c_, L.stream)
         return
-    for blk in prange((c1 - c0) * per_channel, schedule="static", num_threads=L.threads):
-        c = c0 + blk // per_channel
-        n = (blk // L.nseg) % L.outer
-        start = (blk % L.nseg) * L.seglen
-        offset = (n * L.channels + c) * L.inner + start
-        _span_dx(dy + offset, x + offset, NULL if output == NULL else output + offset,
-                 dx + offset, min(L.seglen, L.inner - start), a[c], hi[c], lo[c], b[c], c_[c])
+    for blk in prange((c1 - c0) * L.per_channel, schedule="static", num_threads=L.threads):
+        B = _cf_block(L, c0, blk)
+        for n in range(B.row_begin, B.row_end):
+            offset = (n * L.channels + B.channel) * L.inner + B.start
+            _span_dx_out(dy + offset, x + offset, NULL if output == NULL else output + offset,
+                         dx + offset, B.length, a[B.channel], hi[B.channel], lo[B.channel],
+                         b[B.channel], c_[B.channel], L.stream)
 
 
 # ----------------------------------------------------------------------------- per-channel math
@@ -503,7 +631,7 @@ cdef inline double* _f64(cnp.ndarray a):
 cdef _partials(Layout L, Py_ssize_t group):
     """Zeroed scratch for block partials: channels-last needs blocks x C, channels-first one
     slot per block of a channel group."""
-    cdef Py_ssize_t size = L.nblocks * L.channels if L.inner == 1 else group * L.outer * L.nseg
+    cdef Py_ssize_t size = L.nblocks * L.channels if L.inner == 1 else group * L.per_channel
     return np.zeros(max(size, 1)), np.zeros(max(size, 1))
 
 
