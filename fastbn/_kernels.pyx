@@ -25,7 +25,7 @@ groups whose data fits in about half the last-level cache; the second pass over 
 from cython cimport floating
 from cython.parallel cimport prange
 from libc.math cimport sqrt
-from libc.string cimport memset
+from libc.stdlib cimport calloc, free
 
 cimport numpy as cnp
 import numpy as np
@@ -628,84 +628,91 @@ cdef inline double* _f64(cnp.ndarray a):
     return <double*> cnp.PyArray_DATA(a)
 
 
-cdef _partials(Layout L, Py_ssize_t group):
-    """Zeroed scratch for block partials: channels-last needs blocks x C, channels-first one
-    slot per block of a channel group."""
-    cdef Py_ssize_t size = L.nblocks * L.channels if L.inner == 1 else group * L.per_channel
-    return np.zeros(max(size, 1)), np.zeros(max(size, 1))
+cdef inline cnp.ndarray _as_f64(cnp.ndarray a):
+    """`a` as a contiguous float64 vector, without a copy when it already is one."""
+    if cnp.PyArray_TYPE(a) == cnp.NPY_FLOAT64 and cnp.PyArray_IS_C_CONTIGUOUS(a):
+        return a
+    return np.ascontiguousarray(a, dtype=np.float64)
+
+
+cdef class _Scratch:
+    """Per-call scratch memory (one malloc, freed with the object): float64 per-channel vectors,
+    block partials and per-channel parameters in the data's dtype. Cheaper than NumPy arrays
+    for small calls, where allocation would dominate."""
+    cdef char* memory
+
+    def __cinit__(self, Py_ssize_t nbytes):
+        self.memory = <char*> calloc(max(nbytes, 1), 1)
+        if self.memory == NULL:
+            raise MemoryError(f"fastbn: cannot allocate {nbytes} bytes of scratch memory")
+
+    def __dealloc__(self):
+        free(self.memory)
+
+
+cdef Py_ssize_t _partial_slots(Layout L, Py_ssize_t group):
+    """Channels-last keeps blocks x C partials; channels-first one per block of a group."""
+    return L.nblocks * L.channels if L.inner == 1 else group * L.per_channel
 
 
 cdef _run_moments(floating* tag, cnp.ndarray x, Layout L):
-    cdef Py_ssize_t C = L.channels
-    cdef cnp.ndarray shift = np.empty(C), sum1 = np.empty(C), sum2 = np.empty(C)
+    cdef Py_ssize_t C = L.channels, P = _partial_slots(L, C)
     cdef cnp.ndarray mean = np.empty(C), m2 = np.empty(C)
-    cdef cnp.ndarray part1, part2
-    part1, part2 = _partials(L, C)
+    cdef _Scratch scratch = _Scratch((3 * C + 2 * P) * sizeof(double))
+    cdef double* shift = <double*> scratch.memory
     cdef floating* xp = <floating*> _ptr(x)
-    cdef double* shift_p = _f64(shift)
-    cdef double* sum1_p = _f64(sum1)
-    cdef double* sum2_p = _f64(sum2)
-    cdef double* part1_p = _f64(part1)
-    cdef double* part2_p = _f64(part2)
     cdef double* mean_p = _f64(mean)
     cdef double* m2_p = _f64(m2)
     with nogil:
-        _moments(xp, L, shift_p, sum1_p, sum2_p, part1_p, part2_p, mean_p, m2_p)
+        _moments(xp, L, shift, shift + C, shift + 2 * C, shift + 3 * C, shift + 3 * C + P,
+                 mean_p, m2_p)
     return L.outer * L.inner, mean, m2
 
 
 cdef _run_normalize(floating* tag, cnp.ndarray x, cnp.ndarray mean, cnp.ndarray scale,
                     cnp.ndarray shift, residual, bint relu, cnp.ndarray out, Layout L):
-    cdef object dtype = x.dtype
-    cdef cnp.ndarray mean_c = np.ascontiguousarray(mean, dtype=np.float64)
-    cdef cnp.ndarray hi = np.empty(L.channels, dtype), lo = np.empty(L.channels, dtype)
-    cdef cnp.ndarray scale_c = np.ascontiguousarray(scale, dtype=dtype)
-    cdef cnp.ndarray shift_c = np.ascontiguousarray(shift, dtype=dtype)
+    cdef Py_ssize_t C = L.channels, c
+    cdef _Scratch scratch = _Scratch(4 * C * sizeof(floating))
+    cdef floating* params = <floating*> scratch.memory
+    mean, scale, shift = _as_f64(mean), _as_f64(scale), _as_f64(shift)
+    cdef double* mean_p = _f64(mean)
+    cdef double* scale_p = _f64(scale)
+    cdef double* shift_p = _f64(shift)
+    for c in range(C):
+        params[2 * C + c] = <floating> scale_p[c]
+        params[3 * C + c] = <floating> shift_p[c]
     cdef floating* xp = <floating*> _ptr(x)
     cdef floating* yp = <floating*> _ptr(out)
     cdef floating* rp = <floating*> _ptr(residual)
-    cdef floating* hi_p = <floating*> _ptr(hi)
-    cdef floating* lo_p = <floating*> _ptr(lo)
-    cdef floating* scale_p = <floating*> _ptr(scale_c)
-    cdef floating* shift_p = <floating*> _ptr(shift_c)
-    cdef double* mean_p = _f64(mean_c)
     with nogil:
-        _split_mean(mean_p, hi_p, lo_p, 0, L.channels)
-        _affine_pass(xp, yp, rp, relu, L, 0, L.channels, hi_p, lo_p, scale_p, shift_p)
+        _split_mean(mean_p, params, params + C, 0, C)
+        _affine_pass(xp, yp, rp, relu, L, 0, C, params, params + C, params + 2 * C,
+                     params + 3 * C)
 
 
 cdef _run_train_forward(floating* tag, cnp.ndarray x, cnp.ndarray weight, cnp.ndarray bias,
                         double eps, residual, bint relu, cnp.ndarray out, Layout L):
     cdef Py_ssize_t C = L.channels
     cdef Py_ssize_t group = _group_channels(L, x.itemsize)
-    cdef object dtype = x.dtype
-    cdef cnp.ndarray shift = np.empty(C), sum1 = np.empty(C), sum2 = np.empty(C)
-    cdef cnp.ndarray mean = np.empty(C), m2 = np.empty(C), var = np.empty(C)
-    cdef cnp.ndarray hi = np.empty(C, dtype), lo = np.empty(C, dtype)
-    cdef cnp.ndarray scale = np.empty(C, dtype), shift_out = np.empty(C, dtype)
-    cdef cnp.ndarray part1, part2
-    part1, part2 = _partials(L, group)
+    cdef Py_ssize_t P = _partial_slots(L, group)
+    cdef cnp.ndarray mean = np.empty(C), var = np.empty(C)
+    cdef _Scratch scratch = _Scratch((4 * C + 2 * P) * sizeof(double)
+                                     + 4 * C * sizeof(floating))
+    cdef double* f64 = <double*> scratch.memory
+    cdef floating* params = <floating*> (f64 + 4 * C + 2 * P)
     cdef floating* xp = <floating*> _ptr(x)
     cdef floating* yp = <floating*> _ptr(out)
     cdef floating* rp = <floating*> _ptr(residual)
+    weight, bias = _as_f64(weight), _as_f64(bias)
     cdef double* weight_p = _f64(weight)
     cdef double* bias_p = _f64(bias)
-    cdef double* shift_p = _f64(shift)
-    cdef double* sum1_p = _f64(sum1)
-    cdef double* sum2_p = _f64(sum2)
-    cdef double* part1_p = _f64(part1)
-    cdef double* part2_p = _f64(part2)
     cdef double* mean_p = _f64(mean)
-    cdef double* m2_p = _f64(m2)
     cdef double* var_p = _f64(var)
-    cdef floating* hi_p = <floating*> _ptr(hi)
-    cdef floating* lo_p = <floating*> _ptr(lo)
-    cdef floating* scale_p = <floating*> _ptr(scale)
-    cdef floating* shift_out_p = <floating*> _ptr(shift_out)
     with nogil:
-        _train_forward(xp, yp, rp, relu, L, group, weight_p, bias_p, eps, shift_p, sum1_p,
-                       sum2_p, part1_p, part2_p, mean_p, m2_p, var_p, hi_p, lo_p, scale_p,
-                       shift_out_p)
+        # f64: shift, sum1, sum2, m2, partials (2P); params: hi, lo, scale, shift
+        _train_forward(xp, yp, rp, relu, L, group, weight_p, bias_p, eps, f64, f64 + C,
+                       f64 + 2 * C, f64 + 4 * C, f64 + 4 * C + P, mean_p, f64 + 3 * C, var_p,
+                       params, params + C, params + 2 * C, params + 3 * C)
     return mean, var
 
 
@@ -714,34 +721,26 @@ cdef _run_backward(floating* tag, cnp.ndarray dy, cnp.ndarray x, cnp.ndarray mea
                    cnp.ndarray out, Layout L):
     cdef Py_ssize_t C = L.channels
     cdef Py_ssize_t group = _group_channels(L, x.itemsize * (2 if output is None else 3))
-    cdef object dtype = x.dtype
-    cdef cnp.ndarray mean_c = np.ascontiguousarray(mean, dtype=np.float64)
-    cdef cnp.ndarray invstd_c = np.ascontiguousarray(invstd, dtype=np.float64)
-    cdef cnp.ndarray weight_c = np.ascontiguousarray(weight, dtype=np.float64)
+    cdef Py_ssize_t P = _partial_slots(L, group)
     cdef cnp.ndarray sum_dy = np.empty(C), sum_dy_xmu = np.empty(C)
-    cdef cnp.ndarray a = np.empty(C, dtype), hi = np.empty(C, dtype), lo = np.empty(C, dtype)
-    cdef cnp.ndarray b = np.empty(C, dtype), c_ = np.empty(C, dtype)
-    cdef cnp.ndarray part1, part2
-    part1, part2 = _partials(L, group)
+    cdef _Scratch scratch = _Scratch(2 * P * sizeof(double) + 5 * C * sizeof(floating))
+    cdef double* partials = <double*> scratch.memory
+    cdef floating* params = <floating*> (partials + 2 * P)
+    mean, invstd, weight = _as_f64(mean), _as_f64(invstd), _as_f64(weight)
+    cdef double* mean_p = _f64(mean)
+    cdef double* invstd_p = _f64(invstd)
+    cdef double* weight_p = _f64(weight)
     cdef floating* dyp = <floating*> _ptr(dy)
     cdef floating* xp = <floating*> _ptr(x)
     cdef floating* op = <floating*> _ptr(output)
     cdef floating* dxp = <floating*> _ptr(out)
-    cdef double* mean_p = _f64(mean_c)
-    cdef double* invstd_p = _f64(invstd_c)
-    cdef double* weight_p = _f64(weight_c)
     cdef double* sum_dy_p = _f64(sum_dy)
     cdef double* sum_dy_xmu_p = _f64(sum_dy_xmu)
-    cdef double* part1_p = _f64(part1)
-    cdef double* part2_p = _f64(part2)
-    cdef floating* a_p = <floating*> _ptr(a)
-    cdef floating* hi_p = <floating*> _ptr(hi)
-    cdef floating* lo_p = <floating*> _ptr(lo)
-    cdef floating* b_p = <floating*> _ptr(b)
-    cdef floating* c_p = <floating*> _ptr(c_)
     with nogil:
-        _backward(dyp, xp, op, dxp, L, group, mean_p, invstd_p, weight_p, training, sum_dy_p,
-                  sum_dy_xmu_p, part1_p, part2_p, a_p, hi_p, lo_p, b_p, c_p)
+        # params: a, hi, lo, b, c
+        _backward(dyp, xp, op, dxp, L, group, mean_p, invstd_p, weight_p, training,
+                  sum_dy_p, sum_dy_xmu_p, partials, partials + P, params, params + C,
+                  params + 2 * C, params + 3 * C, params + 4 * C)
     return sum_dy, sum_dy_xmu
 
 
