@@ -73,6 +73,73 @@ cdef extern from *:
     """
     void fastbn_stream(void* dst, const void* src, Py_ssize_t nbytes) noexcept nogil
 
+cdef extern from *:
+    """
+    /* Span reductions in float64 with eight independent lanes held in two 4-wide vectors
+       (GCC/Clang vector extensions): they vectorize without reassociating any sum, so the
+       result is the same on every machine and for every thread count. One template per dtype. */
+    typedef double fastbn_v4d __attribute__((vector_size(32)));
+    typedef long long fastbn_v4l __attribute__((vector_size(32)));
+    #define FASTBN_LOAD4(T, p) ((fastbn_v4d){(double)(p)[0], (double)(p)[1], (double)(p)[2], (double)(p)[3]})
+    #define FASTBN_HSUM(a, b) ((((a)[0] + (a)[1]) + ((a)[2] + (a)[3])) + (((b)[0] + (b)[1]) + ((b)[2] + (b)[3])))
+
+    #define FASTBN_SPAN_SUMS(NAME, T)                                                         \
+    static void NAME(const T *x, Py_ssize_t n, double shift, double *sum1, double *sum2) {   \
+        fastbn_v4d a0 = {0, 0, 0, 0}, a1 = a0, b0 = a0, b1 = a0, d0, d1;                    \
+        double tail1 = 0.0, tail2 = 0.0, d;                                                  \
+        Py_ssize_t i = 0;                                                                    \
+        for (; i + 8 <= n; i += 8) {                                                         \
+            d0 = FASTBN_LOAD4(T, x + i) - shift;                                             \
+            d1 = FASTBN_LOAD4(T, x + i + 4) - shift;                                         \
+            a0 += d0; a1 += d1; b0 += d0 * d0; b1 += d1 * d1;                                \
+        }                                                                                    \
+        for (; i < n; i++) { d = (double)x[i] - shift; tail1 += d; tail2 += d * d; }         \
+        *sum1 = FASTBN_HSUM(a0, a1) + tail1;                                                 \
+        *sum2 = FASTBN_HSUM(b0, b1) + tail2;                                                 \
+    }
+
+    /* sum(g) and sum(g * (x - mean)), g = dy masked where output <= 0 (output may be NULL). */
+    #define FASTBN_SPAN_GRAD_SUMS(NAME, T)                                                    \
+    static void NAME(const T *dy, const T *x, const T *out, Py_ssize_t n, double mean,       \
+                     double *sum_dy, double *sum_dy_xmu) {                                   \
+        fastbn_v4d a0 = {0, 0, 0, 0}, a1 = a0, b0 = a0, b1 = a0, g0, g1, zero = a0;          \
+        double tail1 = 0.0, tail2 = 0.0, g;                                                  \
+        Py_ssize_t i = 0;                                                                    \
+        for (; i + 8 <= n; i += 8) {                                                         \
+            g0 = FASTBN_LOAD4(T, dy + i);                                                    \
+            g1 = FASTBN_LOAD4(T, dy + i + 4);                                                \
+            if (out) {                                                                       \
+                g0 = (fastbn_v4d)((fastbn_v4l)g0 & (FASTBN_LOAD4(T, out + i) > zero));     \
+                g1 = (fastbn_v4d)((fastbn_v4l)g1 & (FASTBN_LOAD4(T, out + i + 4) > zero)); \
+            }                                                                                \
+            a0 += g0; a1 += g1;                                                              \
+            b0 += g0 * (FASTBN_LOAD4(T, x + i) - mean);                                      \
+            b1 += g1 * (FASTBN_LOAD4(T, x + i + 4) - mean);                                  \
+        }                                                                                    \
+        for (; i < n; i++) {                                                                 \
+            g = (out && !(out[i] > 0)) ? 0.0 : (double)dy[i];                                \
+            tail1 += g; tail2 += g * ((double)x[i] - mean);                                  \
+        }                                                                                    \
+        *sum_dy = FASTBN_HSUM(a0, a1) + tail1;                                               \
+        *sum_dy_xmu = FASTBN_HSUM(b0, b1) + tail2;                                           \
+    }
+
+    FASTBN_SPAN_SUMS(fastbn_span_sums_f32, float)
+    FASTBN_SPAN_SUMS(fastbn_span_sums_f64, double)
+    FASTBN_SPAN_GRAD_SUMS(fastbn_span_grad_sums_f32, float)
+    FASTBN_SPAN_GRAD_SUMS(fastbn_span_grad_sums_f64, double)
+    """
+    void fastbn_span_sums_f32(const float* x, Py_ssize_t n, double shift, double* sum1,
+                              double* sum2) noexcept nogil
+    void fastbn_span_sums_f64(const double* x, Py_ssize_t n, double shift, double* sum1,
+                              double* sum2) noexcept nogil
+    void fastbn_span_grad_sums_f32(const float* dy, const float* x, const float* output,
+                                   Py_ssize_t n, double mean, double* sum_dy,
+                                   double* sum_dy_xmu) noexcept nogil
+    void fastbn_span_grad_sums_f64(const double* dy, const double* x, const double* output,
+                                   Py_ssize_t n, double mean, double* sum_dy,
+                                   double* sum_dy_xmu) noexcept nogil
+
 OPENMP_ENABLED = bool(FASTBN_OPENMP)
 
 # Tuning constants (measured on the project machine; see bench/). None of them depends on the
@@ -132,59 +199,24 @@ cdef Py_ssize_t _group_channels(Layout L, Py_ssize_t bytes_per_value):
 
 
 # ----------------------------------------------------------------------------- span primitives
-# Eight independent accumulators: the loops vectorize without reassociating any sum.
 
 cdef inline void _span_sums(const floating* x, Py_ssize_t n, double shift,
                             double* sum1, double* sum2) noexcept nogil:
     """sum1 = sum(x - shift), sum2 = sum((x - shift)**2) over a contiguous span."""
-    cdef double a[8]
-    cdef double b[8]
-    cdef double d
-    cdef Py_ssize_t i = 0, k
-    for k in range(8):
-        a[k] = 0.0
-        b[k] = 0.0
-    while i + 8 <= n:
-        for k in range(8):
-            d = <double> x[i + k] - shift
-            a[k] += d
-            b[k] += d * d
-        i += 8
-    for k in range(n - i):
-        d = <double> x[i + k] - shift
-        a[k] += d
-        b[k] += d * d
-    sum1[0] = ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]))
-    sum2[0] = ((b[0] + b[1]) + (b[2] + b[3])) + ((b[4] + b[5]) + (b[6] + b[7]))
+    if floating is float:
+        fastbn_span_sums_f32(x, n, shift, sum1, sum2)
+    else:
+        fastbn_span_sums_f64(x, n, shift, sum1, sum2)
 
 
 cdef inline void _span_grad_sums(const floating* dy, const floating* x, const floating* output,
                                  Py_ssize_t n, double mean,
                                  double* sum_dy, double* sum_dy_xmu) noexcept nogil:
     """sum(g), sum(g * (x - mean)) with g = dy, masked where output <= 0 when output is given."""
-    cdef double a[8]
-    cdef double b[8]
-    cdef double g
-    cdef Py_ssize_t i = 0, k
-    for k in range(8):
-        a[k] = 0.0
-        b[k] = 0.0
-    while i + 8 <= n:
-        for k in range(8):
-            g = <double> dy[i + k]
-            if output != NULL and not output[i + k] > 0:
-                g = 0.0
-            a[k] += g
-            b[k] += g * (<double> x[i + k] - mean)
-        i += 8
-    for k in range(n - i):
-        g = <double> dy[i + k]
-        if output != NULL and not output[i + k] > 0:
-            g = 0.0
-        a[k] += g
-        b[k] += g * (<double> x[i + k] - mean)
-    sum_dy[0] = ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]))
-    sum_dy_xmu[0] = ((b[0] + b[1]) + (b[2] + b[3])) + ((b[4] + b[5]) + (b[6] + b[7]))
+    if floating is float:
+        fastbn_span_grad_sums_f32(dy, x, output, n, mean, sum_dy, sum_dy_xmu)
+    else:
+        fastbn_span_grad_sums_f64(dy, x, output, n, mean, sum_dy, sum_dy_xmu)
 
 
 cdef inline void _span_affine(const floating* x, floating* y, const floating* residual,
