@@ -26,6 +26,7 @@ from cython cimport floating
 from cython.parallel cimport prange
 from libc.math cimport sqrt
 from libc.stdlib cimport calloc, free
+from libc.string cimport memcpy
 
 cimport numpy as cnp
 import numpy as np
@@ -144,7 +145,7 @@ OPENMP_ENABLED = bool(FASTBN_OPENMP)
 
 # Tuning constants (measured on the project machine; see bench/). None of them depends on the
 # thread count, so changing threads never changes results.
-cdef Py_ssize_t SEGMENT = 16384          # elements per channels-first block
+cdef Py_ssize_t SEGMENT = 4096           # elements per channels-first block
 cdef Py_ssize_t ROW_BLOCK_BYTES = 65536  # bytes per channels-last block (at least one row)
 cdef Py_ssize_t MAX_ROW_BLOCKS = 64      # cap on channels-last blocks (bounds the partials)
 cdef Py_ssize_t CHANNEL_TILE = 512       # channels-last accumulators stay in L1
@@ -157,6 +158,29 @@ DEF TILE = 1024                          # elements computed in L1 before a stre
 def openmp_max_threads():
     """OpenMP's current thread limit (follows OMP_NUM_THREADS and threadpoolctl); 1 without OpenMP."""
     return omp_get_max_threads()
+
+
+def parallel_copy(cnp.ndarray src, cnp.ndarray dst, int num_threads=1):
+    """Copy a C-contiguous array into another with `num_threads` threads.
+
+    The yardstick of the benchmarks: batch norm is memory-bound, so its best possible time is
+    about that of this copy (one read and one write of every element; large copies use
+    non-temporal stores, as memcpy does, so the write costs no read-for-ownership).
+    """
+    if not (src.flags.c_contiguous and dst.flags.c_contiguous) or src.nbytes != dst.nbytes:
+        raise ValueError("src and dst must be C-contiguous arrays of the same size in bytes")
+    cdef char* s = <char*> cnp.PyArray_DATA(src)
+    cdef char* d = <char*> cnp.PyArray_DATA(dst)
+    cdef Py_ssize_t nbytes = src.nbytes, chunk = 1 << 18, nchunks, i, start
+    cdef bint stream = nbytes > STREAM_ABOVE
+    nchunks = (nbytes + chunk - 1) // chunk
+    with nogil:
+        for i in prange(nchunks, schedule="static", num_threads=max(1, num_threads)):
+            start = i * chunk
+            if stream:
+                fastbn_stream(d + start, s + start, min(chunk, nbytes - start))
+            else:
+                memcpy(d + start, s + start, min(chunk, nbytes - start))
 
 
 # ----------------------------------------------------------------------------- block layout
