@@ -51,11 +51,14 @@ def _channel_vector(value: ArrayLike | None, name: str, channels: int,
     """A per-channel parameter as a float64 vector of length `channels`."""
     if value is None:
         return None if default is None else np.full(channels, default)
-    array = _as_data(value, name)
+    if type(value) is np.ndarray and value.dtype.kind == "f":  # the common case, checked fast
+        array = value
+    else:
+        array = _as_data(value, name)
     if array.shape != (channels,):
         raise ValueError(
             f"{name} must have shape ({channels},) (one value per channel), got {array.shape}")
-    return array.astype(np.float64)
+    return np.asarray(array, dtype=np.float64)  # no copy when it is float64: only read
 
 
 def _check_running_stat(value, name: str, channels: int) -> None:
@@ -73,7 +76,8 @@ def _check_running_stat(value, name: str, channels: int) -> None:
 
 
 def _check_real(value, name: str, low: float, high: float = math.inf) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if type(value) is not float and (isinstance(value, bool)
+                                     or not isinstance(value, numbers.Real)):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     value = float(value)
     if not low <= value <= high:
@@ -82,7 +86,8 @@ def _check_real(value, name: str, low: float, high: float = math.inf) -> float:
 
 
 def _normalize_axis(axis, ndim: int) -> int:
-    if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
+    if type(axis) is not int and (isinstance(axis, bool)
+                                  or not isinstance(axis, numbers.Integral)):
         raise TypeError(f"axis must be an int, got {type(axis).__name__}")
     if not -ndim <= axis < ndim:
         raise ValueError(f"axis {axis} is out of range for an input with {ndim} dimensions")
@@ -143,8 +148,10 @@ class _Output:
                     f"out must have dtype {result_dtype} (the result's), got {out.dtype}")
             if not out.flags.writeable:
                 raise ValueError("out must be writable")
-            self.direct = out.dtype == compute_dtype and out.flags.c_contiguous and not any(
-                _overlaps_elsewhere(out, operand) for operand in reads)
+            self.direct = out.dtype == compute_dtype and out.flags.c_contiguous
+            for operand in reads:
+                if self.direct and _overlaps_elsewhere(out, operand):
+                    self.direct = False
         self.target = out.reshape(dims) if self.direct else np.empty(dims, dtype=compute_dtype)
 
     def result(self, shape, result_dtype) -> np.ndarray:
@@ -282,7 +289,8 @@ def batch_norm(input: ArrayLike, running_mean: NDArray | None, running_var: NDAr
                          target.target, num_threads)
     y = target.result(x.shape, result_dtype)
     if return_stats:
-        return y, mean, 1.0 / np.sqrt(var + eps)
+        # In evaluation `mean` may be the caller's running_mean itself: return a copy.
+        return y, (mean if training else mean.copy()), 1.0 / np.sqrt(var + eps)
     return y
 
 

@@ -36,12 +36,16 @@ def _cpu_count() -> int:
         return os.cpu_count() or 1
 
 
+try:
+    from . import _kernels
+except ImportError:  # not built: the NumPy and Numba backends still work
+    _kernels = None
+
+
 def _openmp_max_threads() -> int | None:
-    try:
-        from . import _kernels
-    except ImportError:
+    if _kernels is None or not _kernels.OPENMP_ENABLED:
         return None
-    return _kernels.openmp_max_threads() if _kernels.OPENMP_ENABLED else None
+    return _kernels.openmp_max_threads()
 
 
 def _default_num_threads() -> int:
