@@ -1,0 +1,148 @@
+"""Numba backend specifics: determinism across thread counts, threading-layer safety (Python
+threads, fork), accuracy of the split-mean normalization, compile caching."""
+import multiprocessing
+import os
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+import fastbn
+
+numba_kernels = pytest.importorskip("fastbn._numba_kernels")
+if "numba" not in fastbn.available_backends():
+    pytest.skip("numba backend unavailable", allow_module_level=True)
+
+import numba  # noqa: E402
+
+# Shapes covering both layouts, several blocks per channel, inner split into pieces and tails.
+SHAPES = [(6, 5, 1), (300, 7, 1), (3, 4, 20000), (40, 3, 77), (2, 3, 4096 * 5 + 3)]
+
+
+def run_all(x, dy, num_threads):
+    c = x.shape[1]
+    w = np.linspace(0.5, 1.5, c)
+    b = np.linspace(-1, 1, c)
+    out = np.empty_like(x)
+    count, mean, m2 = numba_kernels.moments(x, num_threads)
+    tmean, tvar = numba_kernels.train_forward(x, w, b, 1e-5, dy, True, out, num_threads)
+    inv = 1 / np.sqrt(tvar + 1e-5)
+    dx = np.empty_like(x)
+    sums = numba_kernels.backward(dy, x, tmean, inv, w, out, True, dx, num_threads)
+    ev = np.empty_like(x)
+    numba_kernels.normalize(x, tmean, w * inv, b, None, False, ev, num_threads)
+    return [mean, m2, out, tmean, tvar, dx, *sums, ev]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_bitwise_identical_for_any_thread_count(shape, dtype):
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal(shape) * 3 + 7).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    results = [run_all(x, dy, n) for n in (1, 2, 3)]
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert np.array_equal(a, b, equal_nan=True)
+
+
+def test_num_threads_is_applied_and_restored():
+    before = numba.get_num_threads()
+    x = np.random.default_rng(0).standard_normal((4, 3, 50)).astype(np.float32)
+    numba_kernels.moments(x, 1)
+    assert numba.get_num_threads() == before
+    numba_kernels.moments(x, 1000)  # clamped to Numba's pool size
+    assert numba.get_num_threads() == before
+
+
+def test_large_offset_float32_moments_and_normalize():
+    rng = np.random.default_rng(2)
+    x = (rng.standard_normal((16, 8, 1024)) + 1e4).astype(np.float32)
+    out = np.empty_like(x)
+    mean, var = numba_kernels.train_forward(x, np.ones(8), np.zeros(8), 1e-5, None, False, out, 2)
+    x64 = x.astype(np.float64)
+    np.testing.assert_allclose(mean, x64.mean(axis=(0, 2)), rtol=1e-15)
+    np.testing.assert_allclose(var, x64.var(axis=(0, 2)), rtol=1e-10)
+    expected = (x64 - x64.mean(axis=(0, 2), keepdims=True)) / np.sqrt(
+        x64.var(axis=(0, 2), keepdims=True) + 1e-5)
+    assert np.abs(out - expected).max() <= 1e-5
+
+
+def test_threading_layer_is_reported_and_safe():
+    x = np.ones((2, 2, 3), np.float32)
+    numba_kernels.moments(x, 2)
+    layer = numba.threading_layer()
+    assert layer in ("tbb", "omp", "workqueue")
+    from fastbn._config import config
+    assert layer in config()["numba threading layer"]
+
+
+def test_concurrent_calls_from_python_threads():
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((16, 32, 300)).astype(np.float32)
+    expected = fastbn.batch_norm(x, None, None, training=True, backend="numba")
+    errors = []
+
+    def work():
+        try:
+            for _ in range(20):
+                y = fastbn.batch_norm(x, None, None, training=True, backend="numba")
+                if not np.array_equal(y, expected):
+                    errors.append("mismatch")
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+
+
+_FORK_SCRIPT = r"""
+import os, sys, numpy as np, fastbn
+x = np.random.default_rng(0).standard_normal((8, 16, 500)).astype(np.float32)
+y = fastbn.batch_norm(x, None, None, training=True, backend="numba")
+pid = os.fork()
+if pid == 0:
+    z = fastbn.batch_norm(x, None, None, training=True, backend="numba")
+    os._exit(0 if np.allclose(z, y, atol=2e-6) else 3)
+_, status = os.waitpid(pid, 0)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_fork_after_parallel_use_does_not_deadlock():
+    # In a subprocess so a hang or a killed child cannot take the test runner with it.
+    result = subprocess.run([sys.executable, "-c", _FORK_SCRIPT], timeout=300,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def _child(queue):
+    x = np.random.default_rng(0).standard_normal((4, 8, 100)).astype(np.float32)
+    queue.put(float(fastbn.batch_norm(x, None, None, training=True, backend="numba").std()))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_multiprocessing_fork_pool_after_use():
+    x = np.random.default_rng(0).standard_normal((4, 8, 100)).astype(np.float32)
+    fastbn.batch_norm(x, None, None, training=True, backend="numba")
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(queue,))
+    proc.start()
+    value = queue.get(timeout=300)
+    proc.join(timeout=60)
+    assert proc.exitcode == 0 and abs(value - 1.0) < 1e-3
+
+
+def test_compiled_kernels_are_cached_on_disk():
+    # cache=True on every kernel: a second process loads them instead of compiling.
+    for name in ("_chw_train", "_hwc_moments", "_chw_backward", "_lanes_moments"):
+        assert getattr(numba_kernels, name)._cache is not None
+        assert type(getattr(numba_kernels, name)._cache).__name__ == "FunctionCache"
