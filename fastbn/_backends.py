@@ -34,7 +34,14 @@ def _load(name: str) -> ModuleType | None:
 
 
 def available_backends() -> list[str]:
-    """Names of the backends that load on this machine, fastest first."""
+    """Names of the backends that load on this machine, fastest first.
+
+    Examples
+    --------
+    >>> import fastbn
+    >>> "numpy" in fastbn.available_backends()
+    True
+    """
     return [name for name in _MODULES if _load(name) is not None]
 
 

@@ -20,22 +20,20 @@ Numerics
 
 Threading layer
 ---------------
-fastbn depends on the ``tbb`` package so that Numba's default layer choice (tbb, omp, workqueue)
-picks TBB, the only layer that is both thread-safe (concurrent calls from Python threads) and
-fork-safe (numba shuts TBB down before a fork from the main thread and restarts it in the child).
-fastbn never forces a layer (it is process-wide and may belong to the user); it adapts to the one
-that is active:
+Unless the user chose one (``NUMBA_THREADING_LAYER`` or ``numba.config.THREADING_LAYER``), fastbn
+asks Numba to prefer the ``omp`` layer, then ``tbb``, then ``workqueue``. Measured here, on 2
+cores: with ``tbb``, a Cython (libgomp) call right after a Numba call took 6.7 ms instead of
+1.05 ms, because TBB's idle workers kept spinning on both cores; with ``omp`` both backends share
+libgomp's one thread pool and neither slows the other (1.5 ms). The choice is process-wide and is
+documented in ``show_config()``. fastbn adapts to whichever layer is active:
 
-* ``tbb``: used as is.
+* ``omp`` (GNU OpenMP, thread-safe, not fork-safe: Numba terminates a forked child that starts a
+  parallel region): in a child forked after the parent started the layer, fastbn's Numba calls fall
+  back to the NumPy reference backend (correct, slower).
+* ``tbb`` (the ``tbb`` package is a dependency, for machines without libgomp): thread-safe and
+  fork-safe; used as is.
 * ``workqueue`` (not thread-safe: concurrent parallel calls abort the process): fastbn's calls are
   serialized with a lock.
-* ``omp`` (GNU OpenMP on Linux, thread-safe but not fork-safe: a forked child that starts a
-  parallel region is terminated): in a child forked after the parent started the layer, fastbn
-  falls back to the NumPy reference backend (correct, slower, not bitwise identical).
-
-Caveat measured here: with TBB, calling the Cython (libgomp) backend right after a Numba call can
-be slowed by both pools' spinning workers on a 2-core machine; the ``omp`` layer shares libgomp's
-pool with Cython (no oversubscription) but is not fork-safe.
 
 The thread count comes from ``fastbn.set_num_threads`` (or OpenMP's limit): it is applied with
 ``numba.set_num_threads`` inside each call and restored afterwards (Numba's mask is thread-local).
@@ -62,6 +60,10 @@ import numpy as np
 from numba import njit, prange
 
 __all__ = ["moments", "normalize", "train_forward", "backward"]
+
+if "NUMBA_THREADING_LAYER" not in os.environ and numba.config.THREADING_LAYER == "default":
+    # One OpenMP pool shared with the Cython kernels: no oversubscription (see the docstring).
+    numba.config.THREADING_LAYER_PRIORITY = ["omp", "tbb", "workqueue"]
 
 # Lanes (independent float64 accumulators) per row of a channels-first block.
 LANES = 32
