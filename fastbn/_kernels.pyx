@@ -23,9 +23,9 @@ groups whose data fits in about half the last-level cache; the second pass over 
 (normalize, or dx) then reads from cache instead of DRAM.
 """
 from cython cimport floating
-from cython.parallel cimport prange
+from cython.parallel cimport prange, threadid
 from libc.math cimport sqrt
-from libc.stdlib cimport calloc, free
+from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport memcpy
 
 cimport numpy as cnp
@@ -54,7 +54,8 @@ cdef extern from *:
     #include <immintrin.h>
     #endif
     /* Copy with non-temporal stores: the output bypasses the cache, so writing it costs no
-       read-for-ownership (as in memcpy of large buffers). Ends with a store fence. */
+       read-for-ownership (as in memcpy of large buffers). The caller ends a run of such copies
+       with fastbn_sfence() (once per block: a fence per small copy would stall). */
     static void fastbn_stream(void *dst, const void *src, Py_ssize_t nbytes) {
         char *d = (char *)dst;
         const char *s = (const char *)src;
@@ -62,17 +63,21 @@ cdef extern from *:
         while (((uintptr_t)d & 31) && nbytes > 0) { *d++ = *s++; nbytes--; }
         for (; nbytes >= 32; nbytes -= 32, d += 32, s += 32)
             _mm256_stream_si256((__m256i *)d, _mm256_loadu_si256((const __m256i *)s));
-        _mm_sfence();
     #elif defined(__SSE2__)
         while (((uintptr_t)d & 15) && nbytes > 0) { *d++ = *s++; nbytes--; }
         for (; nbytes >= 16; nbytes -= 16, d += 16, s += 16)
             _mm_stream_si128((__m128i *)d, _mm_loadu_si128((const __m128i *)s));
-        _mm_sfence();
     #endif
         memcpy(d, s, (size_t)nbytes);
     }
+    static void fastbn_sfence(void) {
+    #if defined(__SSE2__)
+        _mm_sfence();
+    #endif
+    }
     """
     void fastbn_stream(void* dst, const void* src, Py_ssize_t nbytes) noexcept nogil
+    void fastbn_sfence() noexcept nogil
 
 cdef extern from *:
     """
@@ -179,6 +184,7 @@ def parallel_copy(cnp.ndarray src, cnp.ndarray dst, int num_threads=1):
             start = i * chunk
             if stream:
                 fastbn_stream(d + start, s + start, min(chunk, nbytes - start))
+                fastbn_sfence()
             else:
                 memcpy(d + start, s + start, min(chunk, nbytes - start))
 
@@ -188,8 +194,9 @@ def parallel_copy(cnp.ndarray src, cnp.ndarray dst, int num_threads=1):
 cdef struct Layout:
     Py_ssize_t outer, channels, inner
     Py_ssize_t nseg, seglen          # channels-first: segments per (n, c) row and their length
-    Py_ssize_t chunk_rows, nchunks   # channels-first: rows n per block, blocks along n
-    Py_ssize_t per_channel           # channels-first: blocks per channel (nchunks * nseg)
+    Py_ssize_t group                 # channels-first: channels processed together
+    Py_ssize_t chunk_rows            # channels-first: rows n per block
+    Py_ssize_t cf_blocks             # channels-first: blocks per channel group
     Py_ssize_t nblocks, block_rows   # channels-last: row blocks and rows per block
     int threads
     bint stream                      # non-temporal stores for the output
@@ -202,10 +209,7 @@ cdef Layout _layout(cnp.ndarray x, int num_threads):
     L.inner = x.shape[2]
     L.nseg = max(1, (L.inner + SEGMENT - 1) // SEGMENT)
     L.seglen = (L.inner + L.nseg - 1) // L.nseg
-    # Short rows (7x7 images) are grouped along n so that each block holds about SEGMENT values.
-    L.chunk_rows = max(1, SEGMENT // max(1, L.inner)) if L.nseg == 1 else 1
-    L.nchunks = max(1, (L.outer + L.chunk_rows - 1) // L.chunk_rows)
-    L.per_channel = L.nchunks * L.nseg
+    _set_group(&L, L.channels)
     L.block_rows = max(1, ROW_BLOCK_BYTES // max(1, L.channels * x.itemsize))
     L.nblocks = max(1, (L.outer + L.block_rows - 1) // L.block_rows)
     if L.nblocks > MAX_ROW_BLOCKS:
@@ -214,6 +218,20 @@ cdef Layout _layout(cnp.ndarray x, int num_threads):
     L.threads = 1 if x.size < SERIAL_BELOW else max(1, num_threads)
     L.stream = x.size * x.itemsize > STREAM_ABOVE
     return L
+
+
+cdef void _set_group(Layout* L, Py_ssize_t group) noexcept:
+    """Channels-first blocks for groups of `group` channels.
+
+    A block is a run of rows n, each contributing the group's channels (or one segment of each
+    channel's row when rows are long), visited in memory order; short rows (7x7 images) are
+    grouped along n so that a block holds about SEGMENT values.
+    """
+    cdef Py_ssize_t chunk_rows
+    L.group = group
+    chunk_rows = max(1, SEGMENT // max(1, group * L.inner)) if L.nseg == 1 else 1
+    L.chunk_rows = chunk_rows
+    L.cf_blocks = max(1, (L.outer + chunk_rows - 1) // chunk_rows) * L.nseg
 
 
 cdef Py_ssize_t _group_channels(Layout L, Py_ssize_t bytes_per_value):
@@ -312,135 +330,59 @@ cdef inline void _row_dx(const floating* dy, const floating* x, const floating* 
             dx[k] = (dy[k] * a[k] if output[k] > 0 else 0) + ((x[k] - hi[k]) - lo[k]) * b[k] + c[k]
 
 
-cdef inline void _span_affine_out(const floating* x, floating* y, const floating* residual,
-                                  bint relu, Py_ssize_t n, floating hi, floating lo,
-                                  floating scale, floating shift, bint stream) noexcept nogil:
-    """_span_affine, through an L1 tile and non-temporal stores when `stream`."""
-    cdef floating tile[TILE]
-    cdef Py_ssize_t i = 0, m
-    if not stream:
-        _span_affine(x, y, residual, relu, n, hi, lo, scale, shift)
-        return
-    while i < n:
-        m = min(TILE, n - i)
-        _span_affine(x + i, tile, NULL if residual == NULL else residual + i, relu, m, hi, lo,
-                     scale, shift)
-        fastbn_stream(y + i, tile, m * sizeof(floating))
-        i += m
-
-
-cdef inline void _row_affine_out(const floating* x, floating* y, const floating* residual,
-                                 bint relu, Py_ssize_t n, const floating* hi, const floating* lo,
-                                 const floating* scale, const floating* shift,
-                                 bint stream) noexcept nogil:
-    cdef floating tile[TILE]
-    cdef Py_ssize_t i = 0, m
-    if not stream:
-        _row_affine(x, y, residual, relu, n, hi, lo, scale, shift)
-        return
-    while i < n:
-        m = min(TILE, n - i)
-        _row_affine(x + i, tile, NULL if residual == NULL else residual + i, relu, m, hi + i,
-                    lo + i, scale + i, shift + i)
-        fastbn_stream(y + i, tile, m * sizeof(floating))
-        i += m
-
-
-cdef inline void _span_dx_out(const floating* dy, const floating* x, const floating* output,
-                              floating* dx, Py_ssize_t n, floating a, floating hi, floating lo,
-                              floating b, floating c, bint stream) noexcept nogil:
-    cdef floating tile[TILE]
-    cdef Py_ssize_t i = 0, m
-    if not stream:
-        _span_dx(dy, x, output, dx, n, a, hi, lo, b, c)
-        return
-    while i < n:
-        m = min(TILE, n - i)
-        _span_dx(dy + i, x + i, NULL if output == NULL else output + i, tile, m, a, hi, lo, b, c)
-        fastbn_stream(dx + i, tile, m * sizeof(floating))
-        i += m
-
-
-cdef inline void _row_dx_out(const floating* dy, const floating* x, const floating* output,
-                             floating* dx, Py_ssize_t n, const floating* a, const floating* hi,
-                             const floating* lo, const floating* b, const floating* c,
-                             bint stream) noexcept nogil:
-    cdef floating tile[TILE]
-    cdef Py_ssize_t i = 0, m
-    if not stream:
-        _row_dx(dy, x, output, dx, n, a, hi, lo, b, c)
-        return
-    while i < n:
-        m = min(TILE, n - i)
-        _row_dx(dy + i, x + i, NULL if output == NULL else output + i, tile, m, a + i, hi + i,
-                lo + i, b + i, c + i)
-        fastbn_stream(dx + i, tile, m * sizeof(floating))
-        i += m
-
-
 # ----------------------------------------------------------------------------- block passes
-
-cdef struct Block:
-    Py_ssize_t channel, row_begin, row_end, start, length
-
-
-cdef inline Block _cf_block(Layout L, Py_ssize_t c0, Py_ssize_t blk) noexcept nogil:
-    """Channels-first block `blk` of the channels from c0, in order (channel, n-chunk, segment)."""
-    cdef Block B
-    cdef Py_ssize_t k = blk % L.per_channel
-    B.channel = c0 + blk // L.per_channel
-    B.row_begin = (k // L.nseg) * L.chunk_rows
-    B.row_end = min(L.outer, B.row_begin + L.chunk_rows)
-    B.start = (k % L.nseg) * L.seglen
-    B.length = min(L.seglen, L.inner - B.start)
-    return B
-
 
 cdef void _cf_partials(const floating* x, const floating* dy, const floating* output,
                        Layout L, Py_ssize_t c0, Py_ssize_t c1, const double* center,
                        double* part1, double* part2) noexcept nogil:
-    """Channels-first partial sums of the blocks of channels [c0, c1), one slot per block.
+    """Channels-first partial sums of channels [c0, c1): part[block * G + (c - c0)].
 
     Without dy: shifted moments of x about `center`; with dy: the gradient sums.
     """
-    cdef Py_ssize_t blk, n, offset
-    cdef Block B
-    cdef double s1, s2, t1, t2
-    for blk in prange((c1 - c0) * L.per_channel, schedule="static", num_threads=L.threads):
-        B = _cf_block(L, c0, blk)
-        s1 = 0.0
-        s2 = 0.0
-        t1 = 0.0  # assigned here so that prange makes them thread-private (their address is
-        t2 = 0.0  # taken below, which Cython does not count as an assignment)
-        for n in range(B.row_begin, B.row_end):
-            offset = (n * L.channels + B.channel) * L.inner + B.start
-            if dy == NULL:
-                _span_sums(x + offset, B.length, center[B.channel], &t1, &t2)
-            else:
-                _span_grad_sums(dy + offset, x + offset,
-                                NULL if output == NULL else output + offset, B.length,
-                                center[B.channel], &t1, &t2)
-            s1 = s1 + t1
-            s2 = s2 + t2
-        part1[blk] = s1
-        part2[blk] = s2
+    cdef Py_ssize_t G = c1 - c0
+    cdef Py_ssize_t blk, n, c, r0, r1, start, length, offset
+    cdef double t1, t2
+    cdef double* p1
+    cdef double* p2
+    for blk in prange(L.cf_blocks, schedule="static", num_threads=L.threads):
+        r0 = (blk // L.nseg) * L.chunk_rows
+        r1 = min(L.outer, r0 + L.chunk_rows)
+        start = (blk % L.nseg) * L.seglen
+        length = min(L.seglen, L.inner - start)
+        p1 = part1 + blk * G
+        p2 = part2 + blk * G
+        for c in range(G):
+            p1[c] = 0.0
+            p2[c] = 0.0
+        for n in range(r0, r1):
+            for c in range(c0, c1):
+                offset = (n * L.channels + c) * L.inner + start
+                t1 = 0.0  # assigned so that prange makes them thread-private: their address
+                t2 = 0.0  # is taken below, which Cython does not count as an assignment
+                if dy == NULL:
+                    _span_sums(x + offset, length, center[c], &t1, &t2)
+                else:
+                    _span_grad_sums(dy + offset, x + offset,
+                                    NULL if output == NULL else output + offset, length,
+                                    center[c], &t1, &t2)
+                p1[c - c0] += t1
+                p2[c - c0] += t2
 
 
 cdef void _cf_reduce(Layout L, Py_ssize_t c0, Py_ssize_t c1, const double* part1,
                      const double* part2, double* total1, double* total2) noexcept nogil:
     """Add each channel's block partials in block order."""
-    cdef Py_ssize_t per_channel = L.per_channel
-    cdef Py_ssize_t c, k, base
+    cdef Py_ssize_t G = c1 - c0
+    cdef Py_ssize_t c, blk
     cdef double s1, s2
-    for c in range(c0, c1):
-        base = (c - c0) * per_channel
+    for c in range(G):
         s1 = 0.0
         s2 = 0.0
-        for k in range(per_channel):
-            s1 += part1[base + k]
-            s2 += part2[base + k]
-        total1[c] = s1
-        total2[c] = s2
+        for blk in range(L.cf_blocks):
+            s1 += part1[blk * G + c]
+            s2 += part2[blk * G + c]
+        total1[c0 + c] = s1
+        total2[c0 + c] = s2
 
 
 cdef void _cl_partials(const floating* x, const floating* dy, const floating* output,
@@ -489,53 +431,180 @@ cdef void _cl_reduce(Layout L, const double* part1, const double* part2,
             total2[c] += part2[blk * C + c]
 
 
-cdef void _affine_pass(const floating* x, floating* y, const floating* residual, bint relu,
-                       Layout L, Py_ssize_t c0, Py_ssize_t c1, const floating* hi,
-                       const floating* lo, const floating* scale,
-                       const floating* shift) noexcept nogil:
-    """y = act(((x - hi) - lo) * scale + shift + residual) for channels [c0, c1)."""
-    cdef Py_ssize_t blk, n, offset, r, r1
-    cdef Block B
-    if L.inner == 1:
-        for blk in prange(L.nblocks, schedule="static", num_threads=L.threads):
-            r1 = min(L.outer, (blk + 1) * L.block_rows)
-            for r in range(blk * L.block_rows, r1):
-                offset = r * L.channels
-                _row_affine_out(x + offset, y + offset,
-                                NULL if residual == NULL else residual + offset, relu, L.channels,
-                                hi, lo, scale, shift, L.stream)
-        return
-    for blk in prange((c1 - c0) * L.per_channel, schedule="static", num_threads=L.threads):
-        B = _cf_block(L, c0, blk)
-        for n in range(B.row_begin, B.row_end):
-            offset = (n * L.channels + B.channel) * L.inner + B.start
-            _span_affine_out(x + offset, y + offset,
-                             NULL if residual == NULL else residual + offset, relu, B.length,
-                             hi[B.channel], lo[B.channel], scale[B.channel], shift[B.channel],
-                             L.stream)
+# Element-wise passes: y = act(((x - hi) - lo) * scale + shift + residual), or
+# dx = g * a + ((x - hi) - lo) * b + c. Large outputs are computed into an L1 tile and written
+# with non-temporal stores; contiguous spans share a tile, and each block ends with one fence.
+
+cdef struct Elementwise:
+    void* x
+    void* residual   # affine: the residual; dx: the forward's output (ReLU mask) or NULL
+    void* dy         # dx only; NULL for the affine pass
+    void* out
+    bint relu
+    void* hi
+    void* lo
+    void* p          # affine: scale; dx: a
+    void* q          # affine: shift; dx: b
+    void* r          # dx: c
 
 
-cdef void _dx_pass(const floating* dy, const floating* x, const floating* output, floating* dx,
-                   Layout L, Py_ssize_t c0, Py_ssize_t c1, const floating* a,
-                   const floating* hi, const floating* lo, const floating* b,
-                   const floating* c_) noexcept nogil:
-    cdef Py_ssize_t blk, n, offset, r, r1
-    cdef Block B
+cdef inline void _eltwise_span(Elementwise* E, floating* dst, Py_ssize_t src, Py_ssize_t n,
+                               Py_ssize_t c) noexcept nogil:
+    """One channel's run of n values starting at element `src`, written to dst."""
+    cdef floating* x = <floating*> E.x
+    cdef floating* extra = <floating*> E.residual
+    if E.dy == NULL:
+        _span_affine(x + src, dst, NULL if extra == NULL else extra + src, E.relu, n,
+                     (<floating*> E.hi)[c], (<floating*> E.lo)[c], (<floating*> E.p)[c],
+                     (<floating*> E.q)[c])
+    else:
+        _span_dx(<floating*> E.dy + src, x + src, NULL if extra == NULL else extra + src, dst,
+                 n, (<floating*> E.p)[c], (<floating*> E.hi)[c], (<floating*> E.lo)[c],
+                 (<floating*> E.q)[c], (<floating*> E.r)[c])
+
+
+cdef inline void _eltwise_row(Elementwise* E, floating* dst, Py_ssize_t src, Py_ssize_t n,
+                              Py_ssize_t c) noexcept nogil:
+    """Channels-last: n values of one row starting at channel c, starting at element src."""
+    cdef floating* x = <floating*> E.x
+    cdef floating* extra = <floating*> E.residual
+    if E.dy == NULL:
+        _row_affine(x + src, dst, NULL if extra == NULL else extra + src, E.relu, n,
+                    <floating*> E.hi + c, <floating*> E.lo + c, <floating*> E.p + c,
+                    <floating*> E.q + c)
+    else:
+        _row_dx(<floating*> E.dy + src, x + src, NULL if extra == NULL else extra + src, dst, n,
+                <floating*> E.p + c, <floating*> E.hi + c, <floating*> E.lo + c,
+                <floating*> E.q + c, <floating*> E.r + c)
+
+
+cdef void _cf_elementwise(Elementwise* E, floating* tag, Layout L, Py_ssize_t c0,
+                          Py_ssize_t c1) noexcept nogil:
+    """The element-wise pass over channels [c0, c1), channels-first, block by block."""
+    cdef floating* out = <floating*> E.out
+    cdef floating* tiles = NULL
+    cdef floating* tile
+    cdef Py_ssize_t blk, n, c, r0, r1, start, length, offset, done, m, fill, tile_start
+    if L.stream:
+        tiles = <floating*> malloc(L.threads * TILE * sizeof(floating))
+        if tiles == NULL:
+            L.stream = False  # no memory for the tiles: ordinary stores are correct too
+    for blk in prange(L.cf_blocks, schedule="static", num_threads=L.threads):
+        tile = tiles + threadid() * TILE
+        r0 = (blk // L.nseg) * L.chunk_rows
+        r1 = min(L.outer, r0 + L.chunk_rows)
+        start = (blk % L.nseg) * L.seglen
+        length = min(L.seglen, L.inner - start)
+        fill = 0
+        tile_start = 0
+        for n in range(r0, r1):
+            for c in range(c0, c1):
+                offset = (n * L.channels + c) * L.inner + start
+                if not L.stream:
+                    _eltwise_span(E, out + offset, offset, length, c)
+                elif length > TILE:
+                    done = 0
+                    while done < length:
+                        m = min(TILE, length - done)
+                        _eltwise_span(E, tile, offset + done, m, c)
+                        fastbn_stream(out + offset + done, tile, m * sizeof(floating))
+                        done = done + m
+                else:
+                    if fill > 0 and (fill + length > TILE or offset != tile_start + fill):
+                        fastbn_stream(out + tile_start, tile, fill * sizeof(floating))
+                        fill = 0
+                    if fill == 0:
+                        tile_start = offset
+                    _eltwise_span(E, tile + fill, offset, length, c)
+                    fill = fill + length
+        if fill > 0:
+            fastbn_stream(out + tile_start, tile, fill * sizeof(floating))
+        if L.stream:
+            fastbn_sfence()
+    free(tiles)
+
+
+cdef void _cl_elementwise(Elementwise* E, floating* tag, Layout L) noexcept nogil:
+    """The element-wise pass, channels-last: blocks of whole rows (contiguous in memory)."""
+    cdef floating* out = <floating*> E.out
+    cdef floating* tiles = NULL
+    cdef floating* tile
+    cdef Py_ssize_t C = L.channels
+    cdef Py_ssize_t blk, r, r0, r1, offset, done, m, fill
+    if L.stream:
+        tiles = <floating*> malloc(L.threads * TILE * sizeof(floating))
+        if tiles == NULL:
+            L.stream = False  # no memory for the tiles: ordinary stores are correct too
+    for blk in prange(L.nblocks, schedule="static", num_threads=L.threads):
+        tile = tiles + threadid() * TILE
+        r0 = blk * L.block_rows
+        r1 = min(L.outer, r0 + L.block_rows)
+        fill = 0
+        for r in range(r0, r1):
+            offset = r * C
+            if not L.stream:
+                _eltwise_row(E, out + offset, offset, C, 0)
+            elif C > TILE:
+                done = 0
+                while done < C:
+                    m = min(TILE, C - done)
+                    _eltwise_row(E, tile, offset + done, m, done)
+                    fastbn_stream(out + offset + done, tile, m * sizeof(floating))
+                    done = done + m
+            else:
+                if fill + C > TILE:
+                    fastbn_stream(out + offset - fill, tile, fill * sizeof(floating))
+                    fill = 0
+                _eltwise_row(E, tile + fill, offset, C, 0)
+                fill = fill + C
+        if fill > 0:
+            fastbn_stream(out + r1 * C - fill, tile, fill * sizeof(floating))
+        if L.stream:
+            fastbn_sfence()
+    free(tiles)
+
+
+cdef void _elementwise(Elementwise* E, floating* tag, Layout L, Py_ssize_t c0,
+                       Py_ssize_t c1) noexcept nogil:
     if L.inner == 1:
-        for blk in prange(L.nblocks, schedule="static", num_threads=L.threads):
-            r1 = min(L.outer, (blk + 1) * L.block_rows)
-            for r in range(blk * L.block_rows, r1):
-                offset = r * L.channels
-                _row_dx_out(dy + offset, x + offset, NULL if output == NULL else output + offset,
-                            dx + offset, L.channels, a, hi, lo, b, c_, L.stream)
-        return
-    for blk in prange((c1 - c0) * L.per_channel, schedule="static", num_threads=L.threads):
-        B = _cf_block(L, c0, blk)
-        for n in range(B.row_begin, B.row_end):
-            offset = (n * L.channels + B.channel) * L.inner + B.start
-            _span_dx_out(dy + offset, x + offset, NULL if output == NULL else output + offset,
-                         dx + offset, B.length, a[B.channel], hi[B.channel], lo[B.channel],
-                         b[B.channel], c_[B.channel], L.stream)
+        _cl_elementwise(E, tag, L)
+    else:
+        _cf_elementwise(E, tag, L, c0, c1)
+
+
+cdef Elementwise _affine_args(const floating* x, floating* y, const floating* residual,
+                              bint relu, const floating* hi, const floating* lo,
+                              const floating* scale, const floating* shift) noexcept nogil:
+    cdef Elementwise E
+    E.x = <void*> x
+    E.residual = <void*> residual
+    E.dy = NULL
+    E.out = <void*> y
+    E.relu = relu
+    E.hi = <void*> hi
+    E.lo = <void*> lo
+    E.p = <void*> scale
+    E.q = <void*> shift
+    E.r = NULL
+    return E
+
+
+cdef Elementwise _dx_args(const floating* dy, const floating* x, const floating* output,
+                          floating* dx, const floating* a, const floating* hi,
+                          const floating* lo, const floating* b,
+                          const floating* c_) noexcept nogil:
+    cdef Elementwise E
+    E.x = <void*> x
+    E.residual = <void*> output
+    E.dy = <void*> dy
+    E.out = <void*> dx
+    E.relu = False
+    E.hi = <void*> hi
+    E.lo = <void*> lo
+    E.p = <void*> a
+    E.q = <void*> b
+    E.r = <void*> c_
+    return E
 
 
 # ----------------------------------------------------------------------------- per-channel math
@@ -625,6 +694,7 @@ cdef void _train_forward(const floating* x, floating* y, const floating* residua
                          floating* lo, floating* scale, floating* shift_out) noexcept nogil:
     cdef Py_ssize_t count = L.outer * L.inner
     cdef Py_ssize_t c0, c1
+    cdef Elementwise E
     _shift_of(x, L, shift)
     if L.inner == 1:
         _cl_partials(x, <floating*> NULL, <floating*> NULL, L, shift, part1, part2)
@@ -632,7 +702,8 @@ cdef void _train_forward(const floating* x, floating* y, const floating* residua
         _finish_moments(count, shift, sum1, sum2, 0, L.channels, mean, m2)
         _forward_coefficients(mean, m2, count, weight, bias, eps, 0, L.channels, var, hi, lo,
                               scale, shift_out)
-        _affine_pass(x, y, residual, relu, L, 0, L.channels, hi, lo, scale, shift_out)
+        E = _affine_args(x, y, residual, relu, hi, lo, scale, shift_out)
+        _elementwise(&E, y, L, 0, L.channels)
         return
     c0 = 0
     while c0 < L.channels:
@@ -642,7 +713,8 @@ cdef void _train_forward(const floating* x, floating* y, const floating* residua
         _finish_moments(count, shift, sum1, sum2, c0, c1, mean, m2)
         _forward_coefficients(mean, m2, count, weight, bias, eps, c0, c1, var, hi, lo, scale,
                               shift_out)
-        _affine_pass(x, y, residual, relu, L, c0, c1, hi, lo, scale, shift_out)
+        E = _affine_args(x, y, residual, relu, hi, lo, scale, shift_out)
+        _elementwise(&E, y, L, c0, c1)
         c0 = c1
 
 
@@ -653,12 +725,14 @@ cdef void _backward(const floating* dy, const floating* x, const floating* outpu
                     floating* b, floating* c_) noexcept nogil:
     cdef Py_ssize_t count = L.outer * L.inner
     cdef Py_ssize_t c0, c1
+    cdef Elementwise E
     if L.inner == 1:
         _cl_partials(x, dy, output, L, mean, part1, part2)
         _cl_reduce(L, part1, part2, sum_dy, sum_dy_xmu)
         _backward_coefficients(sum_dy, sum_dy_xmu, mean, invstd, weight, count, training, 0,
                                L.channels, a, hi, lo, b, c_)
-        _dx_pass(dy, x, output, dx, L, 0, L.channels, a, hi, lo, b, c_)
+        E = _dx_args(dy, x, output, dx, a, hi, lo, b, c_)
+        _elementwise(&E, dx, L, 0, L.channels)
         return
     c0 = 0
     while c0 < L.channels:
@@ -667,7 +741,8 @@ cdef void _backward(const floating* dy, const floating* x, const floating* outpu
         _cf_reduce(L, c0, c1, part1, part2, sum_dy, sum_dy_xmu)
         _backward_coefficients(sum_dy, sum_dy_xmu, mean, invstd, weight, count, training, c0, c1,
                                a, hi, lo, b, c_)
-        _dx_pass(dy, x, output, dx, L, c0, c1, a, hi, lo, b, c_)
+        E = _dx_args(dy, x, output, dx, a, hi, lo, b, c_)
+        _elementwise(&E, dx, L, c0, c1)
         c0 = c1
 
 
@@ -708,7 +783,7 @@ cdef class _Scratch:
 
 cdef Py_ssize_t _partial_slots(Layout L, Py_ssize_t group):
     """Channels-last keeps blocks x C partials; channels-first one per block of a group."""
-    return L.nblocks * L.channels if L.inner == 1 else group * L.per_channel
+    return L.nblocks * L.channels if L.inner == 1 else group * L.cf_blocks
 
 
 cdef _run_moments(floating* tag, cnp.ndarray x, Layout L):
@@ -740,16 +815,18 @@ cdef _run_normalize(floating* tag, cnp.ndarray x, cnp.ndarray mean, cnp.ndarray 
     cdef floating* xp = <floating*> _ptr(x)
     cdef floating* yp = <floating*> _ptr(out)
     cdef floating* rp = <floating*> _ptr(residual)
+    cdef Elementwise E = _affine_args(xp, yp, rp, relu, params, params + C, params + 2 * C,
+                                      params + 3 * C)
     with nogil:
         _split_mean(mean_p, params, params + C, 0, C)
-        _affine_pass(xp, yp, rp, relu, L, 0, C, params, params + C, params + 2 * C,
-                     params + 3 * C)
+        _elementwise(&E, yp, L, 0, C)
 
 
 cdef _run_train_forward(floating* tag, cnp.ndarray x, cnp.ndarray weight, cnp.ndarray bias,
                         double eps, residual, bint relu, cnp.ndarray out, Layout L):
     cdef Py_ssize_t C = L.channels
     cdef Py_ssize_t group = _group_channels(L, x.itemsize)
+    _set_group(&L, group)
     cdef Py_ssize_t P = _partial_slots(L, group)
     cdef cnp.ndarray mean = np.empty(C), var = np.empty(C)
     cdef _Scratch scratch = _Scratch((4 * C + 2 * P) * sizeof(double)
@@ -777,6 +854,7 @@ cdef _run_backward(floating* tag, cnp.ndarray dy, cnp.ndarray x, cnp.ndarray mea
                    cnp.ndarray out, Layout L):
     cdef Py_ssize_t C = L.channels
     cdef Py_ssize_t group = _group_channels(L, x.itemsize * (2 if output is None else 3))
+    _set_group(&L, group)
     cdef Py_ssize_t P = _partial_slots(L, group)
     cdef cnp.ndarray sum_dy = np.empty(C), sum_dy_xmu = np.empty(C)
     cdef _Scratch scratch = _Scratch(2 * P * sizeof(double) + 5 * C * sizeof(floating))

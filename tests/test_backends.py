@@ -149,3 +149,28 @@ def test_moments_match_reference(backend, rng):
         assert count == ref_count
         np.testing.assert_allclose(mean, ref_mean, rtol=1e-12)
         np.testing.assert_allclose(m2, ref_m2, rtol=1e-9)
+
+
+# Outputs above 4 MB take the streamed (non-temporal store) path: long rows split into tiles,
+# short rows packed into one tile, channels-last rows wider than a tile.
+LARGE_CASES = [((3, 5, 300, 301), 1), ((64, 2048, 9), 1), ((1100, 1030), 1), ((20000, 67), 1),
+               ((40, 5, 97, 67), -1)]
+
+
+@pytest.mark.parametrize("shape,axis", LARGE_CASES)
+def test_large_outputs_match_reference(fast_backend, shape, axis):
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal(shape) + 2).astype(np.float32)
+    residual = rng.standard_normal(shape).astype(np.float32)
+    channels = shape[axis]
+    weight, bias = rng.standard_normal(channels), rng.standard_normal(channels)
+    results = []
+    for backend in (fast_backend, "numpy"):
+        y, mean, invstd = fastbn.batch_norm(x, None, None, weight, bias, True, axis=axis,
+                                            residual=residual, activation="relu",
+                                            return_stats=True, backend=backend)
+        grads = fastbn.batch_norm_backward(residual, x, mean, invstd, weight, axis=axis,
+                                           output=y, activation="relu", backend=backend)
+        results.append((y, grads[0]))
+    for got, want in zip(*results):
+        assert_close(got, want, np.float32)
