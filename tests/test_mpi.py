@@ -36,23 +36,26 @@ pytestmark = [
 ]
 
 
-def _run(nprocs: int, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+def _run(nprocs: int, *args: str, timeout: float = 120,
+         results: Path | None = None) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
         [str(Path(fastbn.__file__).parent.parent)] + sys.path))
+    if results is not None:
+        env["FASTBN_MPI_RESULTS"] = str(results)
     return subprocess.run([MPIEXEC, "-n", str(nprocs), sys.executable, *args],
                           capture_output=True, text=True, timeout=timeout, env=env)
 
 
 @pytest.mark.parametrize("nprocs, backend", [(2, "default"), (3, "default"), (3, "numpy"),
                                              (1, "default")])
-def test_sync_batch_norm_equals_single_process(nprocs, backend):
+def test_sync_batch_norm_equals_single_process(nprocs, backend, tmp_path):
     if backend not in ("default", *fastbn.available_backends()):
         pytest.skip(f"backend {backend} not available")
-    proc = _run(nprocs, str(SCRIPT), backend)
+    proc = _run(nprocs, str(SCRIPT), backend, results=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    ranks = sorted(int(line.split()[1]) for line in proc.stdout.splitlines()
-                   if line.startswith("OK "))
+    ranks = sorted(int(p.name.split("-")[1]) for p in tmp_path.glob("ok-*"))
     assert ranks == list(range(nprocs)), proc.stdout + proc.stderr
+    assert len({p.read_text() for p in tmp_path.glob("ok-*")}) == 1
 
 
 def test_import_and_interface():

@@ -5,6 +5,7 @@ forward, backward, parameter gradients and running statistics over several train
 a single-process layer fed the concatenated batch. Prints ``OK <rank> <cases>`` on success; any
 failure aborts the whole job with a non-zero exit status.
 """
+import os
 import sys
 import traceback
 
@@ -125,6 +126,11 @@ def main():
     run_population(); cases += 1
     run_errors(); cases += 1
     comm.Barrier()
+    # One file per rank: mpiexec may merge or drop lines of the ranks' forwarded stdout.
+    results = os.environ.get("FASTBN_MPI_RESULTS")
+    if results:
+        with open(os.path.join(results, f"ok-{rank}"), "w") as f:
+            f.write(str(cases))
     print(f"OK {rank} {cases}", flush=True)
 
 
