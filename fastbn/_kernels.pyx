@@ -160,6 +160,24 @@ cdef Py_ssize_t STREAM_ABOVE = 4 << 20   # output bytes; larger outputs bypass t
 DEF TILE = 1024                          # elements computed in L1 before a streamed store
 
 
+def _tuning(**changes):
+    """Read (and, for experiments, change) the tuning constants; returns the previous values."""
+    global SEGMENT, ROW_BLOCK_BYTES, MAX_ROW_BLOCKS, GROUP_BYTES, SERIAL_BELOW, STREAM_ABOVE
+    previous = dict(SEGMENT=SEGMENT, ROW_BLOCK_BYTES=ROW_BLOCK_BYTES,
+                    MAX_ROW_BLOCKS=MAX_ROW_BLOCKS, GROUP_BYTES=GROUP_BYTES,
+                    SERIAL_BELOW=SERIAL_BELOW, STREAM_ABOVE=STREAM_ABOVE)
+    for name in changes:
+        if name not in previous:
+            raise ValueError(f"unknown tuning constant {name!r}")
+    SEGMENT = changes.get("SEGMENT", SEGMENT)
+    ROW_BLOCK_BYTES = changes.get("ROW_BLOCK_BYTES", ROW_BLOCK_BYTES)
+    MAX_ROW_BLOCKS = changes.get("MAX_ROW_BLOCKS", MAX_ROW_BLOCKS)
+    GROUP_BYTES = changes.get("GROUP_BYTES", GROUP_BYTES)
+    SERIAL_BELOW = changes.get("SERIAL_BELOW", SERIAL_BELOW)
+    STREAM_ABOVE = changes.get("STREAM_ABOVE", STREAM_ABOVE)
+    return previous
+
+
 def openmp_max_threads():
     """OpenMP's current thread limit (follows OMP_NUM_THREADS and threadpoolctl); 1 without OpenMP."""
     return omp_get_max_threads()
