@@ -173,6 +173,24 @@ def _overlaps_elsewhere(out: np.ndarray, operand: np.ndarray | None) -> bool:
     return not (same_start and operand.size == out.size and operand.flags.c_contiguous)
 
 
+def _update_running_stats(running_mean: np.ndarray, running_var: np.ndarray, mean: np.ndarray,
+                          unbiased_var: np.ndarray, momentum: float) -> None:
+    """new = (1 - momentum) * old + momentum * batch, in float64, rounded once into place."""
+    running_mean[...] = (1.0 - momentum) * running_mean.astype(np.float64) + momentum * mean
+    running_var[...] = (1.0 - momentum) * running_var.astype(np.float64) + momentum * unbiased_var
+
+
+_FAST_PATH: list = []
+
+
+def _fast_path():
+    """The Cython backend's C-level batch_norm for common calls, when it is the default."""
+    if not _FAST_PATH:
+        default = get_backend(None)
+        _FAST_PATH.append(getattr(default, "fast_batch_norm", None))
+    return _FAST_PATH[0]
+
+
 # ----------------------------------------------------------------------------- public functions
 
 def batch_norm(input: ArrayLike, running_mean: NDArray | None, running_var: NDArray | None,
@@ -242,6 +260,13 @@ def batch_norm(input: ArrayLike, running_mean: NDArray | None, running_var: NDAr
     >>> rm
     array([0.35, 0.55, 0.75])
     """
+    if residual is None and not return_stats and (backend is None or backend == "cython"):
+        fast = _fast_path()
+        if fast is not None:
+            y = fast(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                     axis, out, activation, get_num_threads())
+            if y is not None:
+                return y
     module = get_backend(backend)
     x, result_dtype, compute_dtype, axis, dims = _prepare_input(input, axis)
     channels = dims[1]
@@ -280,9 +305,8 @@ def batch_norm(input: ArrayLike, running_mean: NDArray | None, running_var: NDAr
         mean, var = module.train_forward(x3, weight, bias, eps, residual3, relu, target.target,
                                          num_threads)
         if running_mean is not None:
-            unbiased = var * (count / (count - 1))
-            running_mean[...] = (1.0 - momentum) * running_mean + momentum * mean
-            running_var[...] = (1.0 - momentum) * running_var + momentum * unbiased
+            _update_running_stats(running_mean, running_var, mean, var * (count / (count - 1)),
+                                  momentum)
     else:
         mean, var = stats
         module.normalize(x3, mean, weight / np.sqrt(var + eps), bias, residual3, relu,

@@ -220,21 +220,26 @@ cdef struct Layout:
     bint stream                      # non-temporal stores for the output
 
 
+cdef void _plan(Layout* L, Py_ssize_t itemsize, Py_ssize_t size, int num_threads) noexcept:
+    """Blocks for L.outer, L.channels, L.inner (set by the caller)."""
+    L.nseg = max(1, (L.inner + SEGMENT - 1) // SEGMENT)
+    L.seglen = (L.inner + L.nseg - 1) // L.nseg
+    _set_group(L, L.channels)
+    L.block_rows = max(1, ROW_BLOCK_BYTES // max(1, L.channels * itemsize))
+    L.nblocks = max(1, (L.outer + L.block_rows - 1) // L.block_rows)
+    if L.nblocks > MAX_ROW_BLOCKS:
+        L.nblocks = MAX_ROW_BLOCKS
+        L.block_rows = (L.outer + L.nblocks - 1) // L.nblocks
+    L.threads = 1 if size < SERIAL_BELOW else max(1, num_threads)
+    L.stream = size * itemsize > STREAM_ABOVE
+
+
 cdef Layout _layout(cnp.ndarray x, int num_threads):
     cdef Layout L
     L.outer = x.shape[0]
     L.channels = x.shape[1]
     L.inner = x.shape[2]
-    L.nseg = max(1, (L.inner + SEGMENT - 1) // SEGMENT)
-    L.seglen = (L.inner + L.nseg - 1) // L.nseg
-    _set_group(&L, L.channels)
-    L.block_rows = max(1, ROW_BLOCK_BYTES // max(1, L.channels * x.itemsize))
-    L.nblocks = max(1, (L.outer + L.block_rows - 1) // L.block_rows)
-    if L.nblocks > MAX_ROW_BLOCKS:
-        L.nblocks = MAX_ROW_BLOCKS
-        L.block_rows = (L.outer + L.nblocks - 1) // L.nblocks
-    L.threads = 1 if x.size < SERIAL_BELOW else max(1, num_threads)
-    L.stream = x.size * x.itemsize > STREAM_ABOVE
+    _plan(&L, x.itemsize, x.size, num_threads)
     return L
 
 
@@ -894,6 +899,157 @@ cdef _run_backward(floating* tag, cnp.ndarray dy, cnp.ndarray x, cnp.ndarray mea
                   sum_dy_p, sum_dy_xmu_p, partials, partials + P, params, params + C,
                   params + 2 * C, params + 3 * C, params + 4 * C)
     return sum_dy, sum_dy_xmu
+
+
+# ----------------------------------------------------------------------------- fast path
+# The public batch_norm spends most of a small call validating and converting arguments in
+# Python. For the common case (contiguous native float32/float64 input, per-channel ndarrays or
+# None, no residual, no return_stats) this does the same checks and the per-channel arithmetic in
+# C. Anything else returns None and the caller takes the general path, which also produces every
+# error message: this function never raises for a bad argument.
+
+cdef inline bint _native_float(object a, bint need_contiguous):
+    if not cnp.PyArray_CheckExact(a):
+        return False
+    cdef cnp.ndarray arr = <cnp.ndarray> a
+    cdef int t = cnp.PyArray_TYPE(arr)
+    return ((t == cnp.NPY_FLOAT32 or t == cnp.NPY_FLOAT64) and cnp.PyArray_ISNOTSWAPPED(arr)
+            and (cnp.PyArray_IS_C_CONTIGUOUS(arr) or not need_contiguous))
+
+
+cdef inline bint _channel_vector_ok(object a, Py_ssize_t C):
+    """None, or a contiguous native float vector of length C."""
+    if a is None:
+        return True
+    return (_native_float(a, True) and cnp.PyArray_NDIM(<cnp.ndarray> a) == 1
+            and cnp.PyArray_DIM(<cnp.ndarray> a, 0) == C)
+
+
+cdef inline double _at(object a, Py_ssize_t c, double default):
+    if a is None:
+        return default
+    cdef void* data = cnp.PyArray_DATA(<cnp.ndarray> a)
+    if cnp.PyArray_TYPE(<cnp.ndarray> a) == cnp.NPY_FLOAT32:
+        return (<float*> data)[c]
+    return (<double*> data)[c]
+
+
+cdef inline void _set_at(cnp.ndarray a, Py_ssize_t c, double value):
+    cdef void* data = cnp.PyArray_DATA(a)
+    if cnp.PyArray_TYPE(a) == cnp.NPY_FLOAT32:
+        (<float*> data)[c] = <float> value
+    else:
+        (<double*> data)[c] = value
+
+
+cdef inline bint _overlaps(cnp.ndarray a, cnp.ndarray b):
+    cdef char* a0 = <char*> cnp.PyArray_DATA(a)
+    cdef char* b0 = <char*> cnp.PyArray_DATA(b)
+    return a0 < b0 + cnp.PyArray_NBYTES(b) and b0 < a0 + cnp.PyArray_NBYTES(a)
+
+
+cdef _fast_run(floating* tag, cnp.ndarray x, object running_mean, object running_var,
+               object weight, object bias, bint training, double momentum, double eps,
+               cnp.ndarray y, bint relu, Layout L):
+    cdef Py_ssize_t C = L.channels, c, count = L.outer * L.inner
+    cdef Py_ssize_t group = _group_channels(L, x.itemsize) if training else C
+    _set_group(&L, group)
+    cdef Py_ssize_t P = _partial_slots(L, group) if training else 0
+    # f64: weight, bias, shift, sum1, sum2, mean, m2, var, partials; params: hi, lo, scale, shift
+    cdef _Scratch scratch = _Scratch((8 * C + 2 * P) * sizeof(double) + 4 * C * sizeof(floating))
+    cdef double* f64 = <double*> scratch.memory
+    cdef floating* params = <floating*> (f64 + 8 * C + 2 * P)
+    cdef floating* xp = <floating*> cnp.PyArray_DATA(x)
+    cdef floating* yp = <floating*> cnp.PyArray_DATA(y)
+    cdef Elementwise E
+    for c in range(C):
+        f64[c] = _at(weight, c, 1.0)
+        f64[C + c] = _at(bias, c, 0.0)
+    if training:
+        with nogil:
+            _train_forward(xp, yp, <floating*> NULL, relu, L, group, f64, f64 + C, eps,
+                           f64 + 2 * C, f64 + 3 * C, f64 + 4 * C, f64 + 8 * C,
+                           f64 + 8 * C + P, f64 + 5 * C, f64 + 6 * C, f64 + 7 * C,
+                           params, params + C, params + 2 * C, params + 3 * C)
+        if running_mean is not None:
+            for c in range(C):
+                _set_at(running_mean, c, (1.0 - momentum) * _at(running_mean, c, 0.0)
+                        + momentum * f64[5 * C + c])
+                _set_at(running_var, c, (1.0 - momentum) * _at(running_var, c, 0.0)
+                        + momentum * (f64[7 * C + c] * (<double> count / (count - 1))))
+        return
+    for c in range(C):
+        f64[5 * C + c] = _at(running_mean, c, 0.0)
+        params[2 * C + c] = <floating> (f64[c] / sqrt(_at(running_var, c, 0.0) + eps))
+        params[3 * C + c] = <floating> f64[C + c]
+    E = _affine_args(xp, yp, <floating*> NULL, relu, params, params + C, params + 2 * C,
+                     params + 3 * C)
+    with nogil:
+        _split_mean(f64 + 5 * C, params, params + C, 0, C)
+        _elementwise(&E, yp, L, 0, C)
+
+
+def fast_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                    axis, out, activation, int num_threads):
+    """batch_norm for the common case, or None when the general path must handle the call."""
+    if not _native_float(input, True) or (activation is not None and activation != "relu"):
+        return None
+    if type(training) is not bool or type(axis) is not int:
+        return None
+    if type(eps) is not float or type(momentum) is not float or not (eps >= 0.0) or not (
+            0.0 <= momentum <= 1.0):
+        return None
+    cdef cnp.ndarray x = <cnp.ndarray> input
+    cdef int ndim = cnp.PyArray_NDIM(x)
+    cdef int ax = axis
+    if ndim < 2 or not (-ndim <= ax < ndim):
+        return None
+    if ax < 0:
+        ax += ndim
+    cdef Py_ssize_t outer = 1, inner = 1, C = cnp.PyArray_DIM(x, ax), i
+    for i in range(ax):
+        outer *= cnp.PyArray_DIM(x, i)
+    for i in range(ax + 1, ndim):
+        inner *= cnp.PyArray_DIM(x, i)
+    if not (_channel_vector_ok(weight, C) and _channel_vector_ok(bias, C)
+            and _channel_vector_ok(running_mean, C) and _channel_vector_ok(running_var, C)):
+        return None
+    if (running_mean is None) != (running_var is None):
+        return None
+    if training:
+        if outer * inner < 2:
+            return None
+        if running_mean is not None and not (
+                cnp.PyArray_ISWRITEABLE(<cnp.ndarray> running_mean)
+                and cnp.PyArray_ISWRITEABLE(<cnp.ndarray> running_var)):
+            return None
+    elif running_mean is None:
+        return None
+    cdef cnp.ndarray y
+    if out is None:
+        y = cnp.PyArray_EMPTY(ndim, cnp.PyArray_DIMS(x), cnp.PyArray_TYPE(x), 0)
+    else:
+        if not (_native_float(out, True) and cnp.PyArray_TYPE(<cnp.ndarray> out)
+                == cnp.PyArray_TYPE(x) and cnp.PyArray_ISWRITEABLE(<cnp.ndarray> out)
+                and cnp.PyArray_SAMESHAPE(<cnp.ndarray> out, x)):
+            return None
+        y = <cnp.ndarray> out
+        if y is not x and _overlaps(y, x):
+            return None
+    cdef Layout L
+    L.outer = outer
+    L.channels = C
+    L.inner = inner
+    _plan(&L, x.itemsize, cnp.PyArray_SIZE(x), num_threads)
+    cdef bint is_training = training, relu = activation is not None
+    cdef double momentum_ = momentum, eps_ = eps
+    if cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT32:
+        _fast_run(<float*> NULL, x, running_mean, running_var, weight, bias, is_training,
+                  momentum_, eps_, y, relu, L)
+    else:
+        _fast_run(<double*> NULL, x, running_mean, running_var, weight, bias, is_training,
+                  momentum_, eps_, y, relu, L)
+    return y
 
 
 cdef inline bint _is_float32(cnp.ndarray x):

@@ -15,7 +15,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from ._api import (Activation, _as_data, _channel_vector, _check_activation, _check_real,
-                   _prepare_input, batch_norm, batch_norm_backward)
+                   _prepare_input, _update_running_stats, batch_norm, batch_norm_backward)
 from ._backends import get_backend
 from ._inference import Moments, moments
 
@@ -325,8 +325,8 @@ class BatchNorm:
             m2 *= counts[:, None]
             batch_mean = counts @ means / counts.sum()
             pooled_var = m2.sum(axis=0) / (counts - 1).sum()
-            self.running_mean[...] = (1.0 - factor) * self.running_mean + factor * batch_mean
-            self.running_var[...] = (1.0 - factor) * self.running_var + factor * pooled_var
+            _update_running_stats(self.running_mean, self.running_var, batch_mean, pooled_var,
+                                  factor)
         return y, pieces
 
     # ------------------------------------------------------------------------- backward

@@ -31,7 +31,8 @@ except ImportError as exc:  # pragma: no cover - exercised only without mpi4py
     raise ImportError("fastbn.mpi needs mpi4py and an MPI library: pip install 'fastbn[mpi]' "
                       "(mpi4py and the mpich wheel)") from exc
 
-from ._api import _as_data, _check_activation, _Output, _prepare_input, _same_shape_operand
+from ._api import (_as_data, _check_activation, _Output, _prepare_input, _same_shape_operand,
+                   _update_running_stats)
 from ._backends import get_backend
 from ._inference import Moments, moments
 from ._layers import BatchNorm as _LocalBatchNorm
@@ -233,8 +234,8 @@ class BatchNorm(_LocalBatchNorm):
             factor = (1.0 / (self.num_batches_tracked + 1) if self.momentum is None
                       else self.momentum)
             unbiased = total.var(ddof=1)
-            self.running_mean[...] = (1.0 - factor) * self.running_mean + factor * total.mean
-            self.running_var[...] = (1.0 - factor) * self.running_var + factor * unbiased
+            _update_running_stats(self.running_mean, self.running_var, total.mean, unbiased,
+                                  factor)
             self.num_batches_tracked += 1
         self._cache = _Cache(x, y if relu else None, [(slice(None), total.mean, invstd)], True,
                              result_dtype)

@@ -174,3 +174,35 @@ def test_large_outputs_match_reference(fast_backend, shape, axis):
         results.append((y, grads[0]))
     for got, want in zip(*results):
         assert_close(got, want, np.float32)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("stat_dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("axis", [0, 1, -1])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("out", ["none", "given", "inplace"])
+def test_c_fast_path_equals_general_path(rng, dtype, stat_dtype, axis, training, relu, out):
+    """The Cython backend's C-level argument handling (common calls) against the general path
+    (return_stats=True always takes it): bitwise the same output and running statistics."""
+    if "cython" not in fastbn.available_backends():
+        pytest.skip("the cython backend is not built")
+    shape = (5, 6, 7, 3)
+    x = make(rng, shape, dtype, offset=2.0)
+    weight = rng.standard_normal(shape[axis]).astype(stat_dtype)
+    bias = rng.standard_normal(shape[axis]).astype(stat_dtype)
+    results = []
+    for general in (False, True):
+        data = x.copy()
+        rm = np.full(shape[axis], 0.5, stat_dtype)
+        rv = np.full(shape[axis], 2.0, stat_dtype)
+        target = {"none": None, "given": np.empty_like(data), "inplace": data}[out]
+        y = fastbn.batch_norm(data, rm, rv, weight, bias, training, 0.25, 1e-3, axis=axis,
+                              out=target, activation="relu" if relu else None,
+                              return_stats=general, backend="cython")
+        y = y[0] if general else y
+        if target is not None:
+            assert y is target
+        results.append((y, rm, rv))
+    for a, b in zip(*results):
+        assert a.dtype == b.dtype and a.tobytes() == b.tobytes()
