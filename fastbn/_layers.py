@@ -451,6 +451,18 @@ class BatchNorm:
             self.weight[...] = 1
             self.bias[...] = 0
 
+    def _merged_moments(self, batches: Iterable) -> Moments:
+        """The exact per-channel moments of `batches` (arrays or Moments), merged in order."""
+        total = Moments.empty(self.num_features)
+        for batch in batches:
+            part = batch if isinstance(batch, Moments) else moments(
+                batch, axis=self.axis, backend=self.backend)
+            if part.num_channels != self.num_features:
+                raise ValueError(f"a batch has {part.num_channels} channels, expected "
+                                 f"num_features={self.num_features}")
+            total = total.merge(part)
+        return total
+
     def set_population_stats(self, batches: Iterable[ArrayLike | Moments], *,
                              ddof: int = 1) -> Moments:
         """Precise BN: set the running statistics to the exact statistics of all `batches`.
@@ -494,14 +506,7 @@ class BatchNorm:
         if not self.track_running_stats:
             raise ValueError("set_population_stats needs track_running_stats=True")
         ddof = _check_count(ddof, "ddof", 0)
-        total = Moments.empty(self.num_features)
-        for batch in batches:
-            part = batch if isinstance(batch, Moments) else moments(
-                batch, axis=self.axis, backend=self.backend)
-            if part.num_channels != self.num_features:
-                raise ValueError(f"a batch has {part.num_channels} channels, expected "
-                                 f"num_features={self.num_features}")
-            total = total.merge(part)
+        total = self._merged_moments(batches)
         if total.count <= ddof:
             raise ValueError(f"batches hold {total.count} values per channel, need more than "
                              f"ddof={ddof}")

@@ -34,7 +34,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without mpi4py
 from ._api import (_as_data, _check_activation, _Output, _prepare_input, _same_shape_operand,
                    _update_running_stats)
 from ._backends import get_backend
-from ._inference import Moments, moments
+from ._inference import Moments
 from ._layers import BatchNorm as _LocalBatchNorm
 from ._layers import _Cache
 from ._threads import get_num_threads
@@ -313,15 +313,8 @@ class BatchNorm(_LocalBatchNorm):
         merged exactly across ranks (:func:`allreduce_moments`) and every rank gets the same
         running statistics. Otherwise as :meth:`fastbn.BatchNorm.set_population_stats`.
         """
-        local = Moments.empty(self.num_features)
         try:
-            for batch in batches:
-                part = batch if isinstance(batch, Moments) else moments(
-                    batch, axis=self.axis, backend=self.backend)
-                if part.num_channels != self.num_features:
-                    raise ValueError(f"a batch has {part.num_channels} channels, expected "
-                                     f"num_features={self.num_features}")
-                local = local.merge(part)
+            local = self._merged_moments(batches)
         except (ValueError, TypeError):
             _announce_failure(self.comm, self.num_features)
             raise
