@@ -26,7 +26,8 @@ def _numba_threading_layer() -> str:
         active = numba.threading_layer()
     except ValueError:  # no parallel function has run yet
         active = "not started yet"
-    return f"{active} (configured: {numba.config.THREADING_LAYER})"
+    return (f"{active} (configured: {numba.config.THREADING_LAYER}, "
+            f"priority: {', '.join(numba.config.THREADING_LAYER_PRIORITY)})")
 
 
 def config() -> dict:
