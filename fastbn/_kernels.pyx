@@ -192,6 +192,10 @@ def parallel_copy(cnp.ndarray src, cnp.ndarray dst, int num_threads=1):
     """
     if not (src.flags.c_contiguous and dst.flags.c_contiguous) or src.nbytes != dst.nbytes:
         raise ValueError("src and dst must be C-contiguous arrays of the same size in bytes")
+    if not dst.flags.writeable:
+        raise ValueError("dst must be writable")
+    if np.may_share_memory(src, dst):
+        raise ValueError("src and dst must not overlap")
     cdef char* s = <char*> cnp.PyArray_DATA(src)
     cdef char* d = <char*> cnp.PyArray_DATA(dst)
     cdef Py_ssize_t nbytes = src.nbytes, chunk = 1 << 18, nchunks, i, start
@@ -331,9 +335,16 @@ cdef inline void _row_affine(const floating* x, floating* y, const floating* res
 cdef inline void _span_dx(const floating* dy, const floating* x, const floating* output,
                           floating* dx, Py_ssize_t n, floating a, floating hi, floating lo,
                           floating b, floating c) noexcept nogil:
-    """dx = g * a + ((x - hi) - lo) * b + c over a span of one channel."""
+    """dx = g * a + ((x - hi) - lo) * b + c over a span of one channel; x NULL: dx = g * a
+    (frozen statistics: x is not read, so an infinite x cannot turn into inf * 0 = NaN)."""
     cdef Py_ssize_t i
-    if output == NULL:
+    if x == NULL and output == NULL:
+        for i in range(n):
+            dx[i] = dy[i] * a
+    elif x == NULL:
+        for i in range(n):
+            dx[i] = dy[i] * a if output[i] > 0 else 0
+    elif output == NULL:
         for i in range(n):
             dx[i] = dy[i] * a + ((x[i] - hi) - lo) * b + c
     else:
@@ -344,8 +355,15 @@ cdef inline void _span_dx(const floating* dy, const floating* x, const floating*
 cdef inline void _row_dx(const floating* dy, const floating* x, const floating* output,
                          floating* dx, Py_ssize_t n, const floating* a, const floating* hi,
                          const floating* lo, const floating* b, const floating* c) noexcept nogil:
+    """The same across one channels-last row: one parameter per channel."""
     cdef Py_ssize_t k
-    if output == NULL:
+    if x == NULL and output == NULL:
+        for k in range(n):
+            dx[k] = dy[k] * a[k]
+    elif x == NULL:
+        for k in range(n):
+            dx[k] = dy[k] * a[k] if output[k] > 0 else 0
+    elif output == NULL:
         for k in range(n):
             dx[k] = dy[k] * a[k] + ((x[k] - hi[k]) - lo[k]) * b[k] + c[k]
     else:
@@ -481,7 +499,8 @@ cdef inline void _eltwise_span(Elementwise* E, floating* dst, Py_ssize_t src, Py
                      (<floating*> E.hi)[c], (<floating*> E.lo)[c], (<floating*> E.p)[c],
                      (<floating*> E.q)[c])
     else:
-        _span_dx(<floating*> E.dy + src, x + src, NULL if extra == NULL else extra + src, dst,
+        _span_dx(<floating*> E.dy + src, NULL if x == NULL else x + src,
+                 NULL if extra == NULL else extra + src, dst,
                  n, (<floating*> E.p)[c], (<floating*> E.hi)[c], (<floating*> E.lo)[c],
                  (<floating*> E.q)[c], (<floating*> E.r)[c])
 
@@ -496,7 +515,8 @@ cdef inline void _eltwise_row(Elementwise* E, floating* dst, Py_ssize_t src, Py_
                     <floating*> E.hi + c, <floating*> E.lo + c, <floating*> E.p + c,
                     <floating*> E.q + c)
     else:
-        _row_dx(<floating*> E.dy + src, x + src, NULL if extra == NULL else extra + src, dst, n,
+        _row_dx(<floating*> E.dy + src, NULL if x == NULL else x + src,
+                NULL if extra == NULL else extra + src, dst, n,
                 <floating*> E.p + c, <floating*> E.hi + c, <floating*> E.lo + c,
                 <floating*> E.q + c, <floating*> E.r + c)
 
@@ -754,7 +774,7 @@ cdef void _backward(const floating* dy, const floating* x, const floating* outpu
         _cl_reduce(L, part1, part2, sum_dy, sum_dy_xmu)
         _backward_coefficients(sum_dy, sum_dy_xmu, mean, invstd, weight, count, training, 0,
                                L.channels, a, hi, lo, b, c_)
-        E = _dx_args(dy, x, output, dx, a, hi, lo, b, c_)
+        E = _dx_args(dy, x if training else NULL, output, dx, a, hi, lo, b, c_)
         _elementwise(&E, dx, L, 0, L.channels)
         return
     c0 = 0
@@ -764,7 +784,7 @@ cdef void _backward(const floating* dy, const floating* x, const floating* outpu
         _cf_reduce(L, c0, c1, part1, part2, sum_dy, sum_dy_xmu)
         _backward_coefficients(sum_dy, sum_dy_xmu, mean, invstd, weight, count, training, c0, c1,
                                a, hi, lo, b, c_)
-        E = _dx_args(dy, x, output, dx, a, hi, lo, b, c_)
+        E = _dx_args(dy, x if training else NULL, output, dx, a, hi, lo, b, c_)
         _elementwise(&E, dx, L, c0, c1)
         c0 = c1
 
@@ -1001,9 +1021,9 @@ def fast_batch_norm(input, running_mean, running_var, weight, bias, training, mo
         return None
     cdef cnp.ndarray x = <cnp.ndarray> input
     cdef int ndim = cnp.PyArray_NDIM(x)
-    cdef int ax = axis
-    if ndim < 2 or not (-ndim <= ax < ndim):
+    if ndim < 2 or not (-ndim <= axis < ndim):  # compared as Python ints: no overflow
         return None
+    cdef int ax = axis
     if ax < 0:
         ax += ndim
     cdef Py_ssize_t outer = 1, inner = 1, C = cnp.PyArray_DIM(x, ax), i

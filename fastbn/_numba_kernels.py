@@ -715,6 +715,8 @@ def normalize(x, mean, scale, shift, residual, relu, out, num_threads=1):
 
 def train_forward(x, weight, bias, eps, residual, relu, out, num_threads=1):
     """Normalize with the batch statistics; return (mean, biased var)."""
+    if x.shape[1] == 0:  # no channels: nothing to normalize (the block sizes divide by C)
+        return np.zeros(0), np.zeros(0)
     kernel = _hwc_train if x.shape[2] == 1 else _chw_train
     return _run(num_threads, kernel,
                 lambda x, w, b, e, r, _, relu, o: _reference().train_forward(

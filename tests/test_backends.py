@@ -206,3 +206,55 @@ def test_c_fast_path_equals_general_path(rng, dtype, stat_dtype, axis, training,
         results.append((y, rm, rv))
     for a, b in zip(*results):
         assert a.dtype == b.dtype and a.tobytes() == b.tobytes()
+
+
+@pytest.mark.parametrize("momentum", [0.1, 0.3, 0.7])
+def test_c_fast_path_running_stats_bitwise(rng, momentum):
+    """Fused multiply-adds in the C update would differ from NumPy's in the last bit."""
+    if "cython" not in fastbn.available_backends():
+        pytest.skip("the cython backend is not built")
+    for trial in range(20):
+        x = rng.standard_normal((6, 5, 7)) * rng.uniform(0.1, 10) + rng.uniform(-5, 5)
+        stats = []
+        for general in (False, True):
+            rm, rv = np.full(5, 0.3), np.full(5, 1.7)
+            fastbn.batch_norm(x, rm, rv, training=True, momentum=momentum,
+                              return_stats=general, backend="cython")
+            stats.append((rm, rv))
+        assert stats[0][0].tobytes() == stats[1][0].tobytes()
+        assert stats[0][1].tobytes() == stats[1][1].tobytes()
+
+
+@pytest.mark.parametrize("axis", [1, -1])
+def test_frozen_backward_does_not_read_input(backend, rng, axis):
+    """With constant statistics dx = dy * weight * invstd: an infinite input changes nothing."""
+    x = rng.standard_normal((4, 3, 5) if axis == 1 else (4, 5, 3))
+    x[0, 1, 2] = np.inf
+    dy = rng.standard_normal(x.shape)
+    mean, invstd, weight = np.zeros(3), np.full(3, 2.0), np.array([1.0, -1.0, 0.5])
+    dx, _, _ = fastbn.batch_norm_backward(dy, x, mean, invstd, weight, axis=axis,
+                                          training=False, backend=backend)
+    scale = weight * invstd
+    expected = dy * (scale[None, :, None] if axis == 1 else scale[None, None, :])
+    np.testing.assert_allclose(dx, expected, rtol=1e-15)
+
+
+def test_zero_channels(backend):
+    for axis in (1, -1):
+        x = np.ones((4, 0, 3), np.float32) if axis == 1 else np.ones((4, 3, 0), np.float32)
+        y = fastbn.batch_norm(x, None, None, training=True, axis=axis, backend=backend)
+        assert y.shape == x.shape and y.dtype == np.float32
+
+
+def test_parallel_copy_rejects_unsafe_destinations():
+    if "cython" not in fastbn.available_backends():
+        pytest.skip("the cython backend is not built")
+    from fastbn._kernels import parallel_copy
+    src = np.arange(10.0)
+    with pytest.raises(ValueError, match="writable"):
+        parallel_copy(src, np.frombuffer(bytes(80)), 2)
+    with pytest.raises(ValueError, match="overlap"):
+        parallel_copy(src, src, 2)
+    dst = np.empty_like(src)
+    parallel_copy(src, dst, 2)
+    assert np.array_equal(src, dst)

@@ -126,3 +126,9 @@ def test_set_num_threads_rejects():
         fastbn.set_num_threads(0)
     with pytest.raises(TypeError, match="n must be"):
         fastbn.set_num_threads(1.5)
+
+
+def test_huge_axis_is_a_value_error(backend):
+    with pytest.raises(ValueError, match="axis"):
+        fastbn.batch_norm(np.ones((4, 3), np.float32), None, None, training=True, axis=2**40,
+                          backend=backend)
