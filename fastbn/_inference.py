@@ -360,6 +360,15 @@ class Moments:
         return Moments(n, mean, m2)
 
 
+def _merge_tree(parts: list[Moments]) -> Moments:
+    """Chan's pairwise merge of `parts` as a balanced tree, in a fixed order (rounding grows
+    with log P, not P). Shared by the MPI and Dask scale-out."""
+    while len(parts) > 1:
+        parts = [parts[i].merge(parts[i + 1]) if i + 1 < len(parts) else parts[i]
+                 for i in range(0, len(parts), 2)]
+    return parts[0]
+
+
 def moments(input: ArrayLike, *, axis: int = 1, backend: str | None = None) -> Moments:
     """Per-channel count, mean and M2 of `input`, computed by the fast kernels.
 

@@ -39,7 +39,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without dask
 
 from ._api import _check_activation, _check_real, _normalize_axis
 from ._api import batch_norm as _batch_norm
-from ._inference import Moments
+from ._inference import Moments, _merge_tree
 from ._inference import affine as _affine
 from ._inference import moments as _moments
 from ._layers import BatchNorm
@@ -89,11 +89,7 @@ def _leaves(parts) -> Iterable[Moments]:
 
 
 def _merge_all(parts) -> Moments:
-    leaves = list(_leaves(parts))
-    while len(leaves) > 1:                       # pairwise: a balanced tree within the task
-        leaves = [leaves[i].merge(leaves[i + 1]) if i + 1 < len(leaves) else leaves[i]
-                  for i in range(0, len(leaves), 2)]
-    return leaves[0]
+    return _merge_tree(list(_leaves(parts)))
 
 
 def _keepdims_shape(ndim: int, channels: int, channel_axis: int) -> tuple[int, ...]:

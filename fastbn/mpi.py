@@ -6,8 +6,8 @@ exactly what one process would compute on the concatenated batch (PyTorch's ``Sy
 which only runs on GPUs, does the same; this one runs on CPUs):
 
 * forward: each rank computes its per-channel ``(count, mean, M2)`` with the fast kernels; one
-  ``Allgather`` exchanges them (``2C + 1`` float64 per rank) and every rank merges them in rank
-  order with Chan's formula, so ranks with different batch sizes, and empty ranks, are exact
+  ``Allgather`` exchanges them (``2C + 1`` float64 per rank) and every rank merges them with
+  Chan's formula in the same fixed balanced tree over the ranks, so ranks with different batch sizes, and empty ranks, are exact
   and every rank gets bitwise identical statistics (and running statistics); the slice is then
   normalized by the fast kernels.
 * backward: each rank computes its ``sum(dy)`` and ``sum((x - mean) * dy)`` with the fast
@@ -34,7 +34,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without mpi4py
 from ._api import (_as_data, _check_activation, _Output, _prepare_input, _same_shape_operand,
                    _update_running_stats)
 from ._backends import get_backend
-from ._inference import Moments
+from ._inference import Moments, _merge_tree
 from ._layers import BatchNorm as _LocalBatchNorm
 from ._layers import _Cache
 from ._threads import get_num_threads
@@ -84,20 +84,12 @@ def _announce_failure(comm: MPI.Intracomm, channels: int) -> None:
         pass
 
 
-def _tree_merge(parts: list[Moments]) -> Moments:
-    """Chan's pairwise merge as a balanced tree (rounding grows with log P, not P)."""
-    while len(parts) > 1:
-        parts = [parts[i].merge(parts[i + 1]) if i + 1 < len(parts) else parts[i]
-                 for i in range(0, len(parts), 2)]
-    return parts[0]
-
-
 def allreduce_moments(local: Moments, comm=None) -> Moments:
     """The moments of the union of every rank's data (a collective: every rank must call it).
 
-    The per-rank ``(count, mean, M2)`` are gathered on every rank and merged in rank order with
-    Chan's formula, so the result is exact for any split of the data (ranks may hold no data)
-    and bitwise identical on every rank.
+    The per-rank ``(count, mean, M2)`` are gathered on every rank and merged with Chan's formula
+    in a fixed balanced tree over the ranks, so the result is exact for any split of the data
+    (ranks may hold no data) and bitwise identical on every rank.
 
     Parameters
     ----------
@@ -120,7 +112,7 @@ def allreduce_moments(local: Moments, comm=None) -> Moments:
     comm = _check_comm(comm)
     if not isinstance(local, Moments):
         raise TypeError(f"local must be a fastbn.Moments, got {type(local).__name__}")
-    return _tree_merge(_gather_moments(comm, local.num_channels, local))
+    return _merge_tree(_gather_moments(comm, local.num_channels, local))
 
 
 class BatchNorm(_LocalBatchNorm):
@@ -217,7 +209,7 @@ class BatchNorm(_LocalBatchNorm):
         except (ValueError, TypeError):
             _announce_failure(self.comm, C)        # tell the other ranks, then raise ours
             raise
-        total = _tree_merge(_gather_moments(self.comm, C, local))
+        total = _merge_tree(_gather_moments(self.comm, C, local))
         n = total.count
         if n <= 1:
             raise ValueError(f"Expected more than 1 value per channel when training, got "
@@ -319,7 +311,7 @@ class BatchNorm(_LocalBatchNorm):
             _announce_failure(self.comm, self.num_features)
             raise
         parts = _gather_moments(self.comm, self.num_features, local)
-        return super().set_population_stats([_tree_merge(parts)], ddof=ddof)
+        return super().set_population_stats([_merge_tree(parts)], ddof=ddof)
 
     def __repr__(self) -> str:
         return super().__repr__()[:-1] + f", comm_size={self.comm.Get_size()})"

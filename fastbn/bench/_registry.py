@@ -34,12 +34,6 @@ from fastbn._backends import get_backend
 EPS = 1e-5
 SEED = 20240605
 
-# Switches for the public functions added to fastbn later: when True, the registry calls
-# ``fastbn.affine`` / ``fastbn.moments``; when False (a fastbn without them), the equivalent
-# (batch_norm in eval mode for the fused affine; the backend's ``moments`` kernel on the
-# (outer, C, inner) view for the moments). See `_fastbn_affine` and `_fastbn_moments`.
-USE_PUBLIC_AFFINE = hasattr(fastbn, "affine")
-USE_PUBLIC_MOMENTS = hasattr(fastbn, "moments")
 
 
 # ----------------------------------------------------------------------------- the axes
@@ -287,28 +281,15 @@ def _fastbn_affine(inp, backend, out, residual=None):
     """Fused y = relu(x * scale + shift [+ residual]) per channel."""
     scale = inp.weight / np.sqrt(inp.running_var.astype(np.float64) + EPS)
     shift = inp.bias - inp.running_mean * scale
-    if USE_PUBLIC_AFFINE:
-        return lambda: fastbn.affine(inp.x, scale, shift, axis=inp.axis, residual=residual,
-                                     activation="relu", out=out, backend=backend)
-    # Until fastbn.affine exists: the same fused pass through batch_norm in eval mode.
-    return lambda: fastbn.batch_norm(inp.x, inp.running_mean, inp.running_var, inp.weight,
-                                     inp.bias, False, 0.1, EPS, axis=inp.axis, out=out,
-                                     residual=residual, activation="relu", backend=backend)
+    return lambda: fastbn.affine(inp.x, scale, shift, axis=inp.axis, residual=residual,
+                                 activation="relu", out=out, backend=backend)
 
 
 def _fastbn_moments(inp, backend):
     """Per-channel (mean, var) as a callable returning them."""
-    if USE_PUBLIC_MOMENTS:
-        def run_public():
-            m = fastbn.moments(inp.x, axis=inp.axis, backend=backend)
-            return m.mean, m.m2 / m.count
-        return run_public
-    module = get_backend(backend)
-    x3 = inp.view3()
-
     def run():
-        count, mean, m2 = module.moments(x3, fastbn.get_num_threads())
-        return mean, m2 / count
+        m = fastbn.moments(inp.x, axis=inp.axis, backend=backend)
+        return m.mean, m.m2 / m.count
     return run
 
 
