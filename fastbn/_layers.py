@@ -269,11 +269,18 @@ class BatchNorm:
         common = dict(eps=self.eps, axis=axis, activation=self.activation, backend=self.backend)
         groups = self._ghost_bounds(x, axis) if batch_stats and self.training else None
         if groups is None:
-            use_running = update or not batch_stats
-            y, mean, invstd = batch_norm(
-                x, self.running_mean if use_running else None,
-                self.running_var if use_running else None, self.weight, self.bias,
-                batch_stats, factor, residual=residual, return_stats=True, **common)
+            if batch_stats:
+                y, mean, invstd = batch_norm(
+                    x, self.running_mean if update else None,
+                    self.running_var if update else None, self.weight, self.bias, True,
+                    factor, residual=residual, return_stats=True, **common)
+            else:
+                # Constant statistics (eval or frozen): without return_stats the call can take
+                # the backend's C fast path; backward's constants come from the running stats.
+                y = batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                               False, factor, residual=residual, **common)
+                mean = self.running_mean.astype(np.float64)
+                invstd = 1.0 / np.sqrt(self.running_var.astype(np.float64) + self.eps)
             pieces = [(slice(None), mean, invstd)]
         else:
             y, pieces = self._ghost_forward(x, residual, groups, result_dtype, common, dims,
