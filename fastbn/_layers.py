@@ -326,12 +326,13 @@ class BatchNorm:
                 return_stats=True, **common)
             pieces.append((part, mean, invstd))
         if factor is not None:
-            counts = np.array([(p.stop - p.start) * per_sample for p, _, _ in pieces], float)
-            means = np.array([m for _, m, _ in pieces])
-            m2 = np.array([np.maximum(1.0 / s**2 - self.eps, 0.0) for _, _, s in pieces])
-            m2 *= counts[:, None]
-            batch_mean = counts @ means / counts.sum()
-            pooled_var = m2.sum(axis=0) / (counts - 1).sum()
+            # Each sub-batch's exact M2 from the moments kernel (one more read of the input):
+            # rebuilding it from invstd as 1/invstd**2 - eps loses the variance when eps >> var.
+            parts = [moments(x[p], axis=common["axis"], backend=self.backend)
+                     for p, _, _ in pieces]
+            counts = np.array([m.count for m in parts], float)
+            batch_mean = counts @ np.array([m.mean for m in parts]) / counts.sum()
+            pooled_var = np.sum([m.m2 for m in parts], axis=0) / (counts - 1).sum()
             _update_running_stats(self.running_mean, self.running_var, batch_mean, pooled_var,
                                   factor)
         return y, pieces

@@ -459,3 +459,15 @@ def test_reset():
 def test_docstring_examples(module):
     result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE | doctest.ELLIPSIS)
     assert result.failed == 0 and result.attempted >= 2
+
+
+def test_ghost_running_variance_is_exact_when_eps_dominates(backend):
+    """The pooled sub-batch variance must not be rebuilt from invstd (1/invstd**2 - eps)."""
+    x = np.random.default_rng(0).standard_normal((8, 3, 5)) * 1e-6
+    bn = fastbn.BatchNorm(3, eps=1.0, momentum=1.0, virtual_batch_size=4, dtype=np.float64,
+                          backend=backend)
+    bn(x)
+    n = 4 * 5
+    pooled = sum(p.var(axis=(0, 2)) * n for p in (x[:4], x[4:])) / (2 * (n - 1))
+    np.testing.assert_allclose(bn.running_var, pooled, rtol=1e-9)
+    np.testing.assert_allclose(bn.running_mean, x.mean(axis=(0, 2)), rtol=1e-9, atol=1e-20)
