@@ -261,11 +261,7 @@ class BatchNorm:
                              f"{x.shape}), expected num_features={self.num_features}")
         batch_stats = (self.training and not self.frozen) or not self.track_running_stats
         update = self.training and not self.frozen and self.track_running_stats
-        if update:
-            factor = (1.0 / (self.num_batches_tracked + 1) if self.momentum is None
-                      else self.momentum)
-        else:
-            factor = 0.0
+        factor = self._momentum_factor() if update else 0.0
         common = dict(eps=self.eps, axis=axis, activation=self.activation, backend=self.backend)
         groups = self._ghost_bounds(x, axis) if batch_stats and self.training else None
         if groups is None:
@@ -290,6 +286,12 @@ class BatchNorm:
         self._cache = _Cache(x, y if self.activation == "relu" else None, pieces, batch_stats,
                              result_dtype)
         return y
+
+    def _momentum_factor(self) -> float:
+        """The weight of this batch in the running statistics (momentum=None: 1/(n + 1))."""
+        if self.momentum is None:
+            return 1.0 / (self.num_batches_tracked + 1)
+        return self.momentum
 
     def _ghost_bounds(self, x: np.ndarray, axis: int) -> list[int] | None:
         """Sub-batch boundaries along axis 0, or None when there is a single sub-batch."""

@@ -295,13 +295,17 @@ def _group_channels(outer, inner, itemsize, arrays, channels):
 
 
 @njit(**_JIT)
+def _chw_block_bounds(j, rows, pieces, plen, outer, inner):
+    """Rows [n0, n1) and inner range [i0, i1) of channels-first block j of a channel."""
+    n0 = (j // pieces) * rows
+    i0 = (j % pieces) * plen
+    return n0, min(outer, n0 + rows), i0, min(inner, i0 + plen)
+
+
+@njit(**_JIT)
 def _chw_block_moments(x, c, j, rows, pieces, plen, shift, part_s, part_q, slot):
     """Shifted sums of block j of channel c (channels-first) into part_s/part_q[slot]."""
-    outer, _, inner = x.shape
-    n0 = (j // pieces) * rows
-    n1 = min(outer, n0 + rows)
-    i0 = (j % pieces) * plen
-    i1 = min(inner, i0 + plen)
+    n0, n1, i0, i1 = _chw_block_bounds(j, rows, pieces, plen, x.shape[0], x.shape[2])
     s = np.zeros(LANES)
     q = np.zeros(LANES)
     shiftv = np.full(LANES, shift)
@@ -319,11 +323,7 @@ def _chw_block_moments(x, c, j, rows, pieces, plen, shift, part_s, part_q, slot)
 def _chw_block_grad(dy, x, output, has_out, c, j, rows, pieces, plen, mean, part_s, part_q,
                     slot):
     """Backward sums of block j of channel c (channels-first) into part_s/part_q[slot]."""
-    outer, _, inner = x.shape
-    n0 = (j // pieces) * rows
-    n1 = min(outer, n0 + rows)
-    i0 = (j % pieces) * plen
-    i1 = min(inner, i0 + plen)
+    n0, n1, i0, i1 = _chw_block_bounds(j, rows, pieces, plen, x.shape[0], x.shape[2])
     s = np.zeros(LANES)
     q = np.zeros(LANES)
     meanv = np.full(LANES, mean)
@@ -346,9 +346,8 @@ def _chw_merge(part_s, part_q, base, nblocks, rows, pieces, plen, outer, inner):
     mean = 0.0
     m2 = 0.0
     for j in range(nblocks):
-        n0 = (j // pieces) * rows
-        i0 = (j % pieces) * plen
-        nb = np.float64((min(outer, n0 + rows) - n0) * (min(inner, i0 + plen) - i0))
+        n0, n1, i0, i1 = _chw_block_bounds(j, rows, pieces, plen, outer, inner)
+        nb = np.float64((n1 - n0) * (i1 - i0))
         sb = part_s[base + j]
         mb = sb / nb
         m2b = part_q[base + j] - sb * mb

@@ -223,8 +223,7 @@ class BatchNorm(_LocalBatchNorm):
                          num_threads)
         y = target.result(x.shape, result_dtype)
         if self.track_running_stats:
-            factor = (1.0 / (self.num_batches_tracked + 1) if self.momentum is None
-                      else self.momentum)
+            factor = self._momentum_factor()
             unbiased = total.var(ddof=1)
             _update_running_stats(self.running_mean, self.running_var, total.mean, unbiased,
                                   factor)
