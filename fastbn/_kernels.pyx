@@ -134,6 +134,135 @@ cdef extern from *:
     FASTBN_SPAN_SUMS(fastbn_span_sums_f64, double)
     FASTBN_SPAN_GRAD_SUMS(fastbn_span_grad_sums_f32, float)
     FASTBN_SPAN_GRAD_SUMS(fastbn_span_grad_sums_f64, double)
+
+    /* Element-wise passes over a contiguous run of n values, written as explicit 32-byte vectors
+       so that large outputs can go straight from registers to memory with aligned non-temporal
+       stores (measured here: 1.03x the copy time, against 1.4x when computed into an L1 tile and
+       then streamed). The per-channel parameters are periodic along the run: entry c of each
+       parameter array, c = phase, phase + 1, ... wrapping at `period` (1 for a channels-first
+       span, C for channels-last rows). With period > 1 the arrays must hold period + lanes entries
+       (entry k = entry k % period) so that a vector load at c never wraps. Scalar head and tail
+       use the same operations in the same order as the vector lanes: every element rounds the
+       same way wherever it falls. */
+    typedef float fastbn_v8f __attribute__((vector_size(32)));
+    typedef int fastbn_v8i __attribute__((vector_size(32)));
+
+    static inline void fastbn_nt_f32(float *p, fastbn_v8f v) {
+    #if defined(__AVX__)
+        _mm256_stream_ps(p, (__m256)v);
+    #elif defined(__SSE2__)
+        __m128 a, b;
+        memcpy(&a, &v, 16); memcpy(&b, (const char *)&v + 16, 16);
+        _mm_stream_ps(p, a); _mm_stream_ps(p + 4, b);
+    #else
+        memcpy(p, &v, sizeof v);
+    #endif
+    }
+    static inline void fastbn_nt_f64(double *p, fastbn_v4d v) {
+    #if defined(__AVX__)
+        _mm256_stream_pd(p, (__m256d)v);
+    #elif defined(__SSE2__)
+        __m128d a, b;
+        memcpy(&a, &v, 16); memcpy(&b, (const char *)&v + 16, 16);
+        _mm_stream_pd(p, a); _mm_stream_pd(p + 2, b);
+    #else
+        memcpy(p, &v, sizeof v);
+    #endif
+    }
+
+    #define FASTBN_ELEMENTWISE(SUF, T, V, M, LANES)                                            \
+    static inline V fastbn_load_##SUF(const T *p) { V v; memcpy(&v, p, sizeof v); return v; }   \
+    static inline void fastbn_store_##SUF(T *p, V v, int stream) {                              \
+        if (stream) fastbn_nt_##SUF(p, v); else memcpy(p, &v, sizeof v);                        \
+    }                                                                                           \
+    static inline Py_ssize_t fastbn_step_##SUF(Py_ssize_t c, Py_ssize_t step, Py_ssize_t period) { \
+        for (c += step; c >= period; c -= period) {} /* no division: period 1 is common */     \
+        return c;                                                                               \
+    }                                                                                           \
+    /* Where the vectors start: the first element whose output is 32-byte aligned (streamed),  \
+       or 0; returns it and sets *end to where the whole vectors end. */                        \
+    static inline Py_ssize_t fastbn_body_##SUF(const T *y, Py_ssize_t n, int stream,           \
+                                               Py_ssize_t *end) {                               \
+        Py_ssize_t head = stream ? (Py_ssize_t)((-(uintptr_t)y & 31) / sizeof(T)) : 0;         \
+        if (head > n) head = n;                                                                 \
+        *end = head + (n - head) / LANES * LANES;                                               \
+        return head;                                                                            \
+    }                                                                                           \
+    /* y = act(((x - hi) - lo) * s + t + r); ReLU as "0 if v <= 0 else v" (NaN passes). */     \
+    static Py_ssize_t fastbn_affine_scalar_##SUF(const T *x, T *y, const T *r, int relu,       \
+                                                 Py_ssize_t i, Py_ssize_t i1, const T *hi,      \
+                                                 const T *lo, const T *s, const T *t,           \
+                                                 Py_ssize_t period, Py_ssize_t c) {             \
+        T e;                                                                                    \
+        for (; i < i1; i++, c = fastbn_step_##SUF(c, 1, period)) {                              \
+            e = ((x[i] - hi[c]) - lo[c]) * s[c] + t[c];                                         \
+            if (r) e = e + r[i];                                                                \
+            y[i] = (relu && e <= 0) ? 0 : e;                                                    \
+        }                                                                                       \
+        return c;                                                                               \
+    }                                                                                           \
+    static void fastbn_affine_run_##SUF(const T *x, T *y, const T *r, int relu, Py_ssize_t n,   \
+                                        const T *hi, const T *lo, const T *s, const T *t,       \
+                                        Py_ssize_t period, Py_ssize_t phase, int stream) {      \
+        const V zero = {0};                                                                     \
+        V v, H = zero + hi[0], L = zero + lo[0], S = zero + s[0], U = zero + t[0];              \
+        Py_ssize_t end, i = fastbn_body_##SUF(y, n, stream, &end);                              \
+        Py_ssize_t c = fastbn_affine_scalar_##SUF(x, y, r, relu, 0, i, hi, lo, s, t, period,   \
+                                                  phase);                                       \
+        for (; i < end; i += LANES) {                                                           \
+            if (period > 1) {                                                                   \
+                H = fastbn_load_##SUF(hi + c); L = fastbn_load_##SUF(lo + c);                   \
+                S = fastbn_load_##SUF(s + c); U = fastbn_load_##SUF(t + c);                     \
+                c = fastbn_step_##SUF(c, LANES, period);                                        \
+            }                                                                                   \
+            v = ((fastbn_load_##SUF(x + i) - H) - L) * S + U;                                   \
+            if (r) v = v + fastbn_load_##SUF(r + i);                                            \
+            if (relu) v = (V)((M)v & ~(M)(v <= zero));                                          \
+            fastbn_store_##SUF(y + i, v, stream);                                               \
+        }                                                                                       \
+        fastbn_affine_scalar_##SUF(x, y, r, relu, end, n, hi, lo, s, t, period, c);             \
+    }                                                                                           \
+    /* dx = mask(dy * a) + ((x - hi) - lo) * b + cc: mask zeroes where out <= 0 (out may be     \
+       NULL); x NULL gives dx = mask(dy * a) (frozen statistics: x is never read). */          \
+    static Py_ssize_t fastbn_dx_scalar_##SUF(const T *dy, const T *x, const T *out, T *dx,     \
+                                             Py_ssize_t i, Py_ssize_t i1, const T *a,           \
+                                             const T *hi, const T *lo, const T *b,              \
+                                             const T *cc, Py_ssize_t period, Py_ssize_t c) {    \
+        T e;                                                                                    \
+        for (; i < i1; i++, c = fastbn_step_##SUF(c, 1, period)) {                              \
+            e = (out && !(out[i] > 0)) ? 0 : dy[i] * a[c];                                      \
+            if (x) e = e + ((x[i] - hi[c]) - lo[c]) * b[c] + cc[c];                             \
+            dx[i] = e;                                                                          \
+        }                                                                                       \
+        return c;                                                                               \
+    }                                                                                           \
+    static void fastbn_dx_run_##SUF(const T *dy, const T *x, const T *out, T *dx, Py_ssize_t n, \
+                                    const T *a, const T *hi, const T *lo, const T *b,           \
+                                    const T *cc, Py_ssize_t period, Py_ssize_t phase,           \
+                                    int stream) {                                               \
+        const V zero = {0};                                                                     \
+        V v, A = zero + a[0], H = zero + hi[0], L = zero + lo[0], B = zero + b[0],              \
+          Q = zero + cc[0];                                                                     \
+        Py_ssize_t end, i = fastbn_body_##SUF(dx, n, stream, &end);                             \
+        Py_ssize_t c = fastbn_dx_scalar_##SUF(dy, x, out, dx, 0, i, a, hi, lo, b, cc, period,  \
+                                              phase);                                           \
+        for (; i < end; i += LANES) {                                                           \
+            if (period > 1) {                                                                   \
+                A = fastbn_load_##SUF(a + c); H = fastbn_load_##SUF(hi + c);                    \
+                L = fastbn_load_##SUF(lo + c); B = fastbn_load_##SUF(b + c);                    \
+                Q = fastbn_load_##SUF(cc + c);                                                  \
+                c = fastbn_step_##SUF(c, LANES, period);                                        \
+            }                                                                                   \
+            v = fastbn_load_##SUF(dy + i) * A;                                                  \
+            if (out) v = (V)((M)v & (M)(fastbn_load_##SUF(out + i) > zero));                    \
+            if (x) v = v + ((fastbn_load_##SUF(x + i) - H) - L) * B + Q;                        \
+            fastbn_store_##SUF(dx + i, v, stream);                                              \
+        }                                                                                       \
+        fastbn_dx_scalar_##SUF(dy, x, out, dx, end, n, a, hi, lo, b, cc, period, c);            \
+    }
+
+    FASTBN_ELEMENTWISE(f32, float, fastbn_v8f, fastbn_v8i, 8)
+    FASTBN_ELEMENTWISE(f64, double, fastbn_v4d, fastbn_v4l, 4)
     """
     void fastbn_span_sums_f32(const float* x, Py_ssize_t n, double shift, double* sum1,
                               double* sum2) noexcept nogil
@@ -145,6 +274,21 @@ cdef extern from *:
     void fastbn_span_grad_sums_f64(const double* dy, const double* x, const double* output,
                                    Py_ssize_t n, double mean, double* sum_dy,
                                    double* sum_dy_xmu) noexcept nogil
+    void fastbn_affine_run_f32(const float* x, float* y, const float* r, bint relu, Py_ssize_t n,
+                               const float* hi, const float* lo, const float* s, const float* t,
+                               Py_ssize_t period, Py_ssize_t phase, bint stream) noexcept nogil
+    void fastbn_affine_run_f64(const double* x, double* y, const double* r, bint relu,
+                               Py_ssize_t n, const double* hi, const double* lo, const double* s,
+                               const double* t, Py_ssize_t period, Py_ssize_t phase,
+                               bint stream) noexcept nogil
+    void fastbn_dx_run_f32(const float* dy, const float* x, const float* out, float* dx,
+                           Py_ssize_t n, const float* a, const float* hi, const float* lo,
+                           const float* b, const float* cc, Py_ssize_t period, Py_ssize_t phase,
+                           bint stream) noexcept nogil
+    void fastbn_dx_run_f64(const double* dy, const double* x, const double* out, double* dx,
+                           Py_ssize_t n, const double* a, const double* hi, const double* lo,
+                           const double* b, const double* cc, Py_ssize_t period,
+                           Py_ssize_t phase, bint stream) noexcept nogil
 
 OPENMP_ENABLED = bool(FASTBN_OPENMP)
 
@@ -158,6 +302,8 @@ cdef Py_ssize_t GROUP_BYTES = 4 << 20    # channels-first cache-blocking group s
 cdef Py_ssize_t SERIAL_BELOW = 1 << 15   # elements; smaller calls run on one thread
 cdef Py_ssize_t STREAM_ABOVE = 4 << 20   # output bytes; larger outputs bypass the cache
 DEF TILE = 1024                          # elements computed in L1 before a streamed store
+DEF DIRECT_SPAN = 256                    # shorter channels-first spans go through the tile
+DEF PARAM_PAD = 8                        # lanes of the widest vector (float32)
 
 
 def _tuning(**changes):
@@ -288,89 +434,6 @@ cdef inline void _span_grad_sums(const floating* dy, const floating* x, const fl
         fastbn_span_grad_sums_f64(dy, x, output, n, mean, sum_dy, sum_dy_xmu)
 
 
-cdef inline void _span_affine(const floating* x, floating* y, const floating* residual,
-                              bint relu, Py_ssize_t n, floating hi, floating lo,
-                              floating scale, floating shift) noexcept nogil:
-    """y = act(((x - hi) - lo) * scale + shift + residual) over a span of one channel."""
-    cdef Py_ssize_t i
-    cdef floating v
-    if residual == NULL and not relu:
-        for i in range(n):
-            y[i] = ((x[i] - hi) - lo) * scale + shift
-    elif residual == NULL:
-        for i in range(n):
-            v = ((x[i] - hi) - lo) * scale + shift
-            y[i] = 0 if v <= 0 else v
-    elif not relu:
-        for i in range(n):
-            y[i] = ((x[i] - hi) - lo) * scale + shift + residual[i]
-    else:
-        for i in range(n):
-            v = ((x[i] - hi) - lo) * scale + shift + residual[i]
-            y[i] = 0 if v <= 0 else v
-
-
-cdef inline void _row_affine(const floating* x, floating* y, const floating* residual, bint relu,
-                             Py_ssize_t n, const floating* hi, const floating* lo,
-                             const floating* scale, const floating* shift) noexcept nogil:
-    """The same across one channels-last row: one parameter per channel."""
-    cdef Py_ssize_t c
-    cdef floating v
-    if residual == NULL and not relu:
-        for c in range(n):
-            y[c] = ((x[c] - hi[c]) - lo[c]) * scale[c] + shift[c]
-    elif residual == NULL:
-        for c in range(n):
-            v = ((x[c] - hi[c]) - lo[c]) * scale[c] + shift[c]
-            y[c] = 0 if v <= 0 else v
-    elif not relu:
-        for c in range(n):
-            y[c] = ((x[c] - hi[c]) - lo[c]) * scale[c] + shift[c] + residual[c]
-    else:
-        for c in range(n):
-            v = ((x[c] - hi[c]) - lo[c]) * scale[c] + shift[c] + residual[c]
-            y[c] = 0 if v <= 0 else v
-
-
-cdef inline void _span_dx(const floating* dy, const floating* x, const floating* output,
-                          floating* dx, Py_ssize_t n, floating a, floating hi, floating lo,
-                          floating b, floating c) noexcept nogil:
-    """dx = g * a + ((x - hi) - lo) * b + c over a span of one channel; x NULL: dx = g * a
-    (frozen statistics: x is not read, so an infinite x cannot turn into inf * 0 = NaN)."""
-    cdef Py_ssize_t i
-    if x == NULL and output == NULL:
-        for i in range(n):
-            dx[i] = dy[i] * a
-    elif x == NULL:
-        for i in range(n):
-            dx[i] = dy[i] * a if output[i] > 0 else 0
-    elif output == NULL:
-        for i in range(n):
-            dx[i] = dy[i] * a + ((x[i] - hi) - lo) * b + c
-    else:
-        for i in range(n):
-            dx[i] = (dy[i] * a if output[i] > 0 else 0) + ((x[i] - hi) - lo) * b + c
-
-
-cdef inline void _row_dx(const floating* dy, const floating* x, const floating* output,
-                         floating* dx, Py_ssize_t n, const floating* a, const floating* hi,
-                         const floating* lo, const floating* b, const floating* c) noexcept nogil:
-    """The same across one channels-last row: one parameter per channel."""
-    cdef Py_ssize_t k
-    if x == NULL and output == NULL:
-        for k in range(n):
-            dx[k] = dy[k] * a[k]
-    elif x == NULL:
-        for k in range(n):
-            dx[k] = dy[k] * a[k] if output[k] > 0 else 0
-    elif output == NULL:
-        for k in range(n):
-            dx[k] = dy[k] * a[k] + ((x[k] - hi[k]) - lo[k]) * b[k] + c[k]
-    else:
-        for k in range(n):
-            dx[k] = (dy[k] * a[k] if output[k] > 0 else 0) + ((x[k] - hi[k]) - lo[k]) * b[k] + c[k]
-
-
 # ----------------------------------------------------------------------------- block passes
 
 cdef void _cf_partials(const floating* x, const floating* dy, const floating* output,
@@ -473,8 +536,10 @@ cdef void _cl_reduce(Layout L, const double* part1, const double* part2,
 
 
 # Element-wise passes: y = act(((x - hi) - lo) * scale + shift + residual), or
-# dx = g * a + ((x - hi) - lo) * b + c. Large outputs are computed into an L1 tile and written
-# with non-temporal stores; contiguous spans share a tile, and each block ends with one fence.
+# dx = g * a + ((x - hi) - lo) * b + c. Large outputs bypass the cache: long contiguous runs are
+# written with non-temporal stores straight from registers; short channels-first spans (small
+# images) are gathered into an L1 tile first, so the streamed stores cover whole cache lines.
+# Each block ends with one fence.
 
 cdef struct Elementwise:
     void* x
@@ -482,43 +547,45 @@ cdef struct Elementwise:
     void* dy         # dx only; NULL for the affine pass
     void* out
     bint relu
-    void* hi
+    void* hi         # per-channel parameters, periodic arrays (see fastbn_affine_run)
     void* lo
     void* p          # affine: scale; dx: a
     void* q          # affine: shift; dx: b
     void* r          # dx: c
 
 
-cdef inline void _eltwise_span(Elementwise* E, floating* dst, Py_ssize_t src, Py_ssize_t n,
-                               Py_ssize_t c) noexcept nogil:
-    """One channel's run of n values starting at element `src`, written to dst."""
+cdef inline void _eltwise_run(Elementwise* E, floating* dst, Py_ssize_t src, Py_ssize_t n,
+                              Py_ssize_t c, Py_ssize_t period, bint stream) noexcept nogil:
+    """n values starting at element `src`, written to dst; the first is of channel c. Channels-
+    first (period 1): one channel's span; channels-last (period C): rows, parameters repeat."""
     cdef floating* x = <floating*> E.x
     cdef floating* extra = <floating*> E.residual
+    cdef floating* hi = <floating*> E.hi
+    cdef floating* lo = <floating*> E.lo
+    cdef floating* p = <floating*> E.p
+    cdef floating* q = <floating*> E.q
+    cdef floating* r = <floating*> E.r
+    if period == 1:
+        hi, lo, p, q = hi + c, lo + c, p + c, q + c
+        if r != NULL:
+            r = r + c
+        c = 0
     if E.dy == NULL:
-        _span_affine(x + src, dst, NULL if extra == NULL else extra + src, E.relu, n,
-                     (<floating*> E.hi)[c], (<floating*> E.lo)[c], (<floating*> E.p)[c],
-                     (<floating*> E.q)[c])
+        if floating is float:
+            fastbn_affine_run_f32(x + src, dst, NULL if extra == NULL else extra + src, E.relu,
+                                  n, hi, lo, p, q, period, c, stream)
+        else:
+            fastbn_affine_run_f64(x + src, dst, NULL if extra == NULL else extra + src, E.relu,
+                                  n, hi, lo, p, q, period, c, stream)
     else:
-        _span_dx(<floating*> E.dy + src, NULL if x == NULL else x + src,
-                 NULL if extra == NULL else extra + src, dst,
-                 n, (<floating*> E.p)[c], (<floating*> E.hi)[c], (<floating*> E.lo)[c],
-                 (<floating*> E.q)[c], (<floating*> E.r)[c])
-
-
-cdef inline void _eltwise_row(Elementwise* E, floating* dst, Py_ssize_t src, Py_ssize_t n,
-                              Py_ssize_t c) noexcept nogil:
-    """Channels-last: n values of one row starting at channel c, starting at element src."""
-    cdef floating* x = <floating*> E.x
-    cdef floating* extra = <floating*> E.residual
-    if E.dy == NULL:
-        _row_affine(x + src, dst, NULL if extra == NULL else extra + src, E.relu, n,
-                    <floating*> E.hi + c, <floating*> E.lo + c, <floating*> E.p + c,
-                    <floating*> E.q + c)
-    else:
-        _row_dx(<floating*> E.dy + src, NULL if x == NULL else x + src,
-                NULL if extra == NULL else extra + src, dst, n,
-                <floating*> E.p + c, <floating*> E.hi + c, <floating*> E.lo + c,
-                <floating*> E.q + c, <floating*> E.r + c)
+        if floating is float:
+            fastbn_dx_run_f32(<floating*> E.dy + src, NULL if x == NULL else x + src,
+                              NULL if extra == NULL else extra + src, dst, n, p, hi, lo, q, r,
+                              period, c, stream)
+        else:
+            fastbn_dx_run_f64(<floating*> E.dy + src, NULL if x == NULL else x + src,
+                              NULL if extra == NULL else extra + src, dst, n, p, hi, lo, q, r,
+                              period, c, stream)
 
 
 cdef void _cf_elementwise(Elementwise* E, floating* tag, Layout L, Py_ssize_t c0,
@@ -527,11 +594,12 @@ cdef void _cf_elementwise(Elementwise* E, floating* tag, Layout L, Py_ssize_t c0
     cdef floating* out = <floating*> E.out
     cdef floating* tiles = NULL
     cdef floating* tile
-    cdef Py_ssize_t blk, n, c, r0, r1, start, length, offset, done, m, fill, tile_start
-    if L.stream:
+    cdef Py_ssize_t blk, n, c, r0, r1, start, length, offset, fill, tile_start
+    cdef bint direct = not L.stream or L.seglen >= DIRECT_SPAN
+    if not direct:
         tiles = <floating*> malloc(L.threads * TILE * sizeof(floating))
         if tiles == NULL:
-            L.stream = False  # no memory for the tiles: ordinary stores are correct too
+            direct = True  # no memory for the tiles: direct stores are correct too
     for blk in prange(L.cf_blocks, schedule="static", num_threads=L.threads):
         tile = tiles + threadid() * TILE
         r0 = (blk // L.nseg) * L.chunk_rows
@@ -543,23 +611,16 @@ cdef void _cf_elementwise(Elementwise* E, floating* tag, Layout L, Py_ssize_t c0
         for n in range(r0, r1):
             for c in range(c0, c1):
                 offset = (n * L.channels + c) * L.inner + start
-                if not L.stream:
-                    _eltwise_span(E, out + offset, offset, length, c)
-                elif length > TILE:
-                    done = 0
-                    while done < length:
-                        m = min(TILE, length - done)
-                        _eltwise_span(E, tile, offset + done, m, c)
-                        fastbn_stream(out + offset + done, tile, m * sizeof(floating))
-                        done = done + m
-                else:
-                    if fill > 0 and (fill + length > TILE or offset != tile_start + fill):
-                        fastbn_stream(out + tile_start, tile, fill * sizeof(floating))
-                        fill = 0
-                    if fill == 0:
-                        tile_start = offset
-                    _eltwise_span(E, tile + fill, offset, length, c)
-                    fill = fill + length
+                if direct:
+                    _eltwise_run(E, out + offset, offset, length, c, 1, L.stream)
+                    continue
+                if fill > 0 and (fill + length > TILE or offset != tile_start + fill):
+                    fastbn_stream(out + tile_start, tile, fill * sizeof(floating))
+                    fill = 0
+                if fill == 0:
+                    tile_start = offset
+                _eltwise_run(E, tile + fill, offset, length, c, 1, False)
+                fill = fill + length
         if fill > 0:
             fastbn_stream(out + tile_start, tile, fill * sizeof(floating))
         if L.stream:
@@ -568,51 +629,45 @@ cdef void _cf_elementwise(Elementwise* E, floating* tag, Layout L, Py_ssize_t c0
 
 
 cdef void _cl_elementwise(Elementwise* E, floating* tag, Layout L) noexcept nogil:
-    """The element-wise pass, channels-last: blocks of whole rows (contiguous in memory)."""
+    """The element-wise pass, channels-last: each block of whole rows is one contiguous run."""
     cdef floating* out = <floating*> E.out
-    cdef floating* tiles = NULL
-    cdef floating* tile
-    cdef Py_ssize_t C = L.channels
-    cdef Py_ssize_t blk, r, r0, r1, offset, done, m, fill
-    if L.stream:
-        tiles = <floating*> malloc(L.threads * TILE * sizeof(floating))
-        if tiles == NULL:
-            L.stream = False  # no memory for the tiles: ordinary stores are correct too
+    cdef Py_ssize_t blk, r0, r1
     for blk in prange(L.nblocks, schedule="static", num_threads=L.threads):
-        tile = tiles + threadid() * TILE
         r0 = blk * L.block_rows
         r1 = min(L.outer, r0 + L.block_rows)
-        fill = 0
-        for r in range(r0, r1):
-            offset = r * C
-            if not L.stream:
-                _eltwise_row(E, out + offset, offset, C, 0)
-            elif C > TILE:
-                done = 0
-                while done < C:
-                    m = min(TILE, C - done)
-                    _eltwise_row(E, tile, offset + done, m, done)
-                    fastbn_stream(out + offset + done, tile, m * sizeof(floating))
-                    done = done + m
-            else:
-                if fill + C > TILE:
-                    fastbn_stream(out + offset - fill, tile, fill * sizeof(floating))
-                    fill = 0
-                _eltwise_row(E, tile + fill, offset, C, 0)
-                fill = fill + C
-        if fill > 0:
-            fastbn_stream(out + r1 * C - fill, tile, fill * sizeof(floating))
+        if r1 > r0:
+            _eltwise_run(E, out + r0 * L.channels, r0 * L.channels, (r1 - r0) * L.channels, 0,
+                         L.channels, L.stream)
         if L.stream:
             fastbn_sfence()
-    free(tiles)
+
+
+cdef inline Py_ssize_t _param_stride(Py_ssize_t C) noexcept nogil:
+    """Entries per parameter array: C, plus one vector's worth for the channels-last wrap."""
+    return C + PARAM_PAD
+
+
+cdef inline void _extend(floating* tag, void* values, Py_ssize_t C) noexcept nogil:
+    """values[C + k] = values[k % C]: a vector load at any channel c < C reads the row's
+    parameters in order, wrapping into the next row (see fastbn_affine_run)."""
+    cdef floating* v = <floating*> values
+    cdef Py_ssize_t k
+    if v != NULL:
+        for k in range(PARAM_PAD):
+            v[C + k] = v[k % C]
 
 
 cdef void _elementwise(Elementwise* E, floating* tag, Layout L, Py_ssize_t c0,
                        Py_ssize_t c1) noexcept nogil:
-    if L.inner == 1:
-        _cl_elementwise(E, tag, L)
-    else:
+    if L.inner > 1:
         _cf_elementwise(E, tag, L, c0, c1)
+    elif L.channels > 0:
+        _extend(tag, E.hi, L.channels)
+        _extend(tag, E.lo, L.channels)
+        _extend(tag, E.p, L.channels)
+        _extend(tag, E.q, L.channels)
+        _extend(tag, E.r, L.channels)
+        _cl_elementwise(E, tag, L)
 
 
 cdef Elementwise _affine_args(const floating* x, floating* y, const floating* residual,
@@ -845,35 +900,35 @@ cdef _run_moments(floating* tag, cnp.ndarray x, Layout L):
 
 cdef _run_normalize(floating* tag, cnp.ndarray x, cnp.ndarray mean, cnp.ndarray scale,
                     cnp.ndarray shift, residual, bint relu, cnp.ndarray out, Layout L):
-    cdef Py_ssize_t C = L.channels, c
-    cdef _Scratch scratch = _Scratch(4 * C * sizeof(floating))
+    cdef Py_ssize_t C = L.channels, S = _param_stride(C), c
+    cdef _Scratch scratch = _Scratch(4 * S * sizeof(floating))
     cdef floating* params = <floating*> scratch.memory
     mean, scale, shift = _as_f64(mean), _as_f64(scale), _as_f64(shift)
     cdef double* mean_p = _f64(mean)
     cdef double* scale_p = _f64(scale)
     cdef double* shift_p = _f64(shift)
     for c in range(C):
-        params[2 * C + c] = <floating> scale_p[c]
-        params[3 * C + c] = <floating> shift_p[c]
+        params[2 * S + c] = <floating> scale_p[c]
+        params[3 * S + c] = <floating> shift_p[c]
     cdef floating* xp = <floating*> _ptr(x)
     cdef floating* yp = <floating*> _ptr(out)
     cdef floating* rp = <floating*> _ptr(residual)
-    cdef Elementwise E = _affine_args(xp, yp, rp, relu, params, params + C, params + 2 * C,
-                                      params + 3 * C)
+    cdef Elementwise E = _affine_args(xp, yp, rp, relu, params, params + S, params + 2 * S,
+                                      params + 3 * S)
     with nogil:
-        _split_mean(mean_p, params, params + C, 0, C)
+        _split_mean(mean_p, params, params + S, 0, C)
         _elementwise(&E, yp, L, 0, C)
 
 
 cdef _run_train_forward(floating* tag, cnp.ndarray x, cnp.ndarray weight, cnp.ndarray bias,
                         double eps, residual, bint relu, cnp.ndarray out, Layout L):
-    cdef Py_ssize_t C = L.channels
+    cdef Py_ssize_t C = L.channels, S = _param_stride(C)
     cdef Py_ssize_t group = _group_channels(L, x.itemsize)
     _set_group(&L, group)
     cdef Py_ssize_t P = _partial_slots(L, group)
     cdef cnp.ndarray mean = np.empty(C), var = np.empty(C)
     cdef _Scratch scratch = _Scratch((4 * C + 2 * P) * sizeof(double)
-                                     + 4 * C * sizeof(floating))
+                                     + 4 * S * sizeof(floating))
     cdef double* f64 = <double*> scratch.memory
     cdef floating* params = <floating*> (f64 + 4 * C + 2 * P)
     cdef floating* xp = <floating*> _ptr(x)
@@ -888,19 +943,19 @@ cdef _run_train_forward(floating* tag, cnp.ndarray x, cnp.ndarray weight, cnp.nd
         # f64: shift, sum1, sum2, m2, partials (2P); params: hi, lo, scale, shift
         _train_forward(xp, yp, rp, relu, L, group, weight_p, bias_p, eps, f64, f64 + C,
                        f64 + 2 * C, f64 + 4 * C, f64 + 4 * C + P, mean_p, f64 + 3 * C, var_p,
-                       params, params + C, params + 2 * C, params + 3 * C)
+                       params, params + S, params + 2 * S, params + 3 * S)
     return mean, var
 
 
 cdef _run_backward(floating* tag, cnp.ndarray dy, cnp.ndarray x, cnp.ndarray mean,
                    cnp.ndarray invstd, cnp.ndarray weight, output, bint training,
                    cnp.ndarray out, Layout L):
-    cdef Py_ssize_t C = L.channels
+    cdef Py_ssize_t C = L.channels, S = _param_stride(C)
     cdef Py_ssize_t group = _group_channels(L, x.itemsize * (2 if output is None else 3))
     _set_group(&L, group)
     cdef Py_ssize_t P = _partial_slots(L, group)
     cdef cnp.ndarray sum_dy = np.empty(C), sum_dy_xmu = np.empty(C)
-    cdef _Scratch scratch = _Scratch(2 * P * sizeof(double) + 5 * C * sizeof(floating))
+    cdef _Scratch scratch = _Scratch(2 * P * sizeof(double) + 5 * S * sizeof(floating))
     cdef double* partials = <double*> scratch.memory
     cdef floating* params = <floating*> (partials + 2 * P)
     mean, invstd, weight = _as_f64(mean), _as_f64(invstd), _as_f64(weight)
@@ -916,8 +971,8 @@ cdef _run_backward(floating* tag, cnp.ndarray dy, cnp.ndarray x, cnp.ndarray mea
     with nogil:
         # params: a, hi, lo, b, c
         _backward(dyp, xp, op, dxp, L, group, mean_p, invstd_p, weight_p, training,
-                  sum_dy_p, sum_dy_xmu_p, partials, partials + P, params, params + C,
-                  params + 2 * C, params + 3 * C, params + 4 * C)
+                  sum_dy_p, sum_dy_xmu_p, partials, partials + P, params, params + S,
+                  params + 2 * S, params + 3 * S, params + 4 * S)
     return sum_dy, sum_dy_xmu
 
 
@@ -971,12 +1026,12 @@ cdef inline bint _overlaps(cnp.ndarray a, cnp.ndarray b):
 cdef _fast_run(floating* tag, cnp.ndarray x, object running_mean, object running_var,
                object weight, object bias, bint training, double momentum, double eps,
                cnp.ndarray y, bint relu, Layout L):
-    cdef Py_ssize_t C = L.channels, c, count = L.outer * L.inner
+    cdef Py_ssize_t C = L.channels, S = _param_stride(C), c, count = L.outer * L.inner
     cdef Py_ssize_t group = _group_channels(L, x.itemsize) if training else C
     _set_group(&L, group)
     cdef Py_ssize_t P = _partial_slots(L, group) if training else 0
     # f64: weight, bias, shift, sum1, sum2, mean, m2, var, partials; params: hi, lo, scale, shift
-    cdef _Scratch scratch = _Scratch((8 * C + 2 * P) * sizeof(double) + 4 * C * sizeof(floating))
+    cdef _Scratch scratch = _Scratch((8 * C + 2 * P) * sizeof(double) + 4 * S * sizeof(floating))
     cdef double* f64 = <double*> scratch.memory
     cdef floating* params = <floating*> (f64 + 8 * C + 2 * P)
     cdef floating* xp = <floating*> cnp.PyArray_DATA(x)
@@ -990,7 +1045,7 @@ cdef _fast_run(floating* tag, cnp.ndarray x, object running_mean, object running
             _train_forward(xp, yp, <floating*> NULL, relu, L, group, f64, f64 + C, eps,
                            f64 + 2 * C, f64 + 3 * C, f64 + 4 * C, f64 + 8 * C,
                            f64 + 8 * C + P, f64 + 5 * C, f64 + 6 * C, f64 + 7 * C,
-                           params, params + C, params + 2 * C, params + 3 * C)
+                           params, params + S, params + 2 * S, params + 3 * S)
         if running_mean is not None:
             for c in range(C):
                 _set_at(running_mean, c, (1.0 - momentum) * _at(running_mean, c, 0.0)
@@ -1000,12 +1055,12 @@ cdef _fast_run(floating* tag, cnp.ndarray x, object running_mean, object running
         return
     for c in range(C):
         f64[5 * C + c] = _at(running_mean, c, 0.0)
-        params[2 * C + c] = <floating> (f64[c] / sqrt(_at(running_var, c, 0.0) + eps))
-        params[3 * C + c] = <floating> f64[C + c]
-    E = _affine_args(xp, yp, <floating*> NULL, relu, params, params + C, params + 2 * C,
-                     params + 3 * C)
+        params[2 * S + c] = <floating> (f64[c] / sqrt(_at(running_var, c, 0.0) + eps))
+        params[3 * S + c] = <floating> f64[C + c]
+    E = _affine_args(xp, yp, <floating*> NULL, relu, params, params + S, params + 2 * S,
+                     params + 3 * S)
     with nogil:
-        _split_mean(f64 + 5 * C, params, params + C, 0, C)
+        _split_mean(f64 + 5 * C, params, params + S, 0, C)
         _elementwise(&E, yp, L, 0, C)
 
 

@@ -258,3 +258,58 @@ def test_parallel_copy_rejects_unsafe_destinations():
     dst = np.empty_like(src)
     parallel_copy(src, dst, 2)
     assert np.array_equal(src, dst)
+
+
+def _misaligned_empty(shape, dtype, shift):
+    """A C-contiguous array whose data starts `shift` elements past a 64-byte boundary."""
+    size = int(np.prod(shape))
+    itemsize = np.dtype(dtype).itemsize
+    raw = np.empty(size + 64 // itemsize + shift, dtype)
+    start = (-raw.ctypes.data % 64) // itemsize + shift
+    return raw[start:start + size].reshape(shape)
+
+
+# Channels-last widths around the vector width (8 float32 lanes) and spans around the
+# direct/tile threshold (256), at every output alignment.
+STREAM_CASES = [((37, 1), -1), ((37, 3), -1), ((29, 7), -1), ((23, 8), -1), ((19, 9), -1),
+                ((11, 97), -1), ((3, 4, 7, 7), 1), ((3, 5, 255), 1), ((2, 3, 16, 16), 1),
+                ((2, 3, 301), 1)]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape,axis", STREAM_CASES)
+def test_streamed_stores_equal_cached_stores(rng, dtype, shape, axis):
+    """Non-temporal stores (outputs above STREAM_ABOVE) split the work at other points (aligned
+    vectors, tiles): every element must still be bitwise what the cached-store path gives."""
+    if "cython" not in fastbn.available_backends():
+        pytest.skip("the cython backend is not built")
+    from fastbn._kernels import _tuning
+    x = (rng.standard_normal(shape) + 3).astype(dtype)
+    residual = rng.standard_normal(shape).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    channels = shape[axis]
+    weight, bias = rng.standard_normal(channels), rng.standard_normal(channels)
+
+    def run(stream_above, shift):
+        y = _misaligned_empty(shape, dtype, shift)
+        dx = _misaligned_empty(shape, dtype, shift)
+        previous = _tuning(STREAM_ABOVE=stream_above)
+        try:
+            _, mean, invstd = fastbn.batch_norm(x, None, None, weight, bias, True, axis=axis,
+                                                residual=residual, activation="relu", out=y,
+                                                return_stats=True, backend="cython")
+            fastbn.batch_norm_backward(dy, x, mean, invstd, weight, axis=axis, output=y,
+                                       activation="relu", out=dx, backend="cython")
+            frozen = fastbn.batch_norm_backward(dy, x, mean, invstd, weight, axis=axis,
+                                                training=False, backend="cython")[0]
+        finally:
+            _tuning(**previous)
+        return y, dx, frozen
+
+    cached = run(1 << 40, 0)
+    y_ref = fastbn.batch_norm(x, None, None, weight, bias, True, axis=axis, residual=residual,
+                              activation="relu", backend="numpy")
+    assert_close(cached[0], y_ref, dtype)
+    for shift in range(3):
+        for got, want in zip(run(0, shift), cached):
+            assert got.tobytes() == want.tobytes()
