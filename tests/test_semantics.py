@@ -116,3 +116,36 @@ def test_default_backend_is_fastest_available():
     assert get_backend(None).__name__ == {
         "cython": "fastbn._kernels", "numba": "fastbn._numba_kernels",
         "numpy": "fastbn._reference"}[fastbn.available_backends()[0]]
+
+
+def _awkward_float32_channels(rng, shape):
+    """float32 data whose statistics are easy to get wrong with float32 arithmetic."""
+    normal = rng.standard_normal(shape)
+    outlier_first = normal.copy()
+    outlier_first.flat[:shape[-1]] = 1e4  # a shift taken from the first value is far off
+    return {
+        "tiny": normal * 1e-30,          # squares underflow float32
+        "huge": normal * 1e25,           # squares overflow float32
+        "outlier-first": outlier_first,
+        "heavy-tail": np.exp(2 * normal),
+        "binary": (normal > 1.3).astype(np.float64),
+        "offset": normal + 1e4,
+        "constant": np.full(shape, 0.1),
+    }
+
+
+@pytest.mark.parametrize("axis", [1, -1])
+def test_float32_statistics_accuracy(backend, rng, axis):
+    """Batch statistics of float32 data within float32's own precision of the exact ones:
+    mean within 1e-7 standard deviations, M2 within 1e-6 relative."""
+    shape = (6, 3, 1000) if axis == 1 else (6000, 3)
+    for name, data in _awkward_float32_channels(rng, shape).items():
+        x = data.astype(np.float32)
+        stats = fastbn.moments(x, axis=axis, backend=backend)
+        count, mean, m2 = stats.count, stats.mean, stats.m2
+        xd = np.moveaxis(x.astype(np.float64), axis, 0).reshape(x.shape[axis], -1)
+        exact_mean = xd.mean(axis=1)
+        exact_m2 = ((xd - exact_mean[:, None]) ** 2).sum(axis=1)
+        std = np.sqrt(exact_m2 / count)
+        assert np.all(np.abs(mean - exact_mean) <= 1e-7 * std + 1e-300), name
+        assert np.all(np.abs(m2 - exact_m2) <= 1e-6 * exact_m2), name
