@@ -226,6 +226,76 @@ cdef extern from *:
     #endif
     }
 
+    /* Channels-last float32 statistics of one block of `rows` rows (row stride C), added to
+       part1[c] = sum(x - shift[c]), part2[c] = sum((x - shift[c])**2). The same scheme as
+       fastbn_span_sums_f32, across rows: per tile of 8*W channels, pass 1 finds each channel's
+       center in the block (first row plus the float32 mean difference), pass 2 sums
+       d = x - center and d*d in float32 registers, FLUSH rows at a time into float64. The
+       accumulators stay in registers instead of being loaded and stored per row (the float64
+       per-row loop is bound by those loads and stores). Channels left over (fewer than 8) and
+       channels whose float32 sums are not finite or underflow are summed in float64. */
+    static void fastbn_rows_sums_wide_f32(const float *x, Py_ssize_t rows, Py_ssize_t C,
+                                          Py_ssize_t c, const double *shift, double *part1,
+                                          double *part2) {
+        double d, t1 = 0.0, t2 = 0.0;
+        Py_ssize_t r;
+        for (r = 0; r < rows; r++) { d = (double)x[r * C + c] - shift[c]; t1 += d; t2 += d * d; }
+        part1[c] += t1;
+        part2[c] += t2;
+    }
+    static inline __attribute__((always_inline)) void fastbn_rows_tile_f32(
+            const float *x, Py_ssize_t rows, Py_ssize_t C, Py_ssize_t c0, const int W,
+            const double *shift, double *part1, double *part2) {
+        const fastbn_v8f_ zero = {0};
+        fastbn_v8f_ m[4], s[4], q[4], u;
+        fastbn_v4d t1[8], t2[8];
+        double delta, sum1, sum2;
+        Py_ssize_t r, r1, w, k, c;
+        for (w = 0; w < W; w++) { memcpy(&m[w], x + c0 + 8 * w, 32); s[w] = zero; }
+        for (r = 0; r < rows; r++)
+            for (w = 0; w < W; w++) { memcpy(&u, x + r * C + c0 + 8 * w, 32); s[w] += u - m[w]; }
+        for (w = 0; w < W; w++) m[w] += s[w] / (float)rows;
+        for (k = 0; k < 2 * W; k++) t1[k] = t2[k] = (fastbn_v4d){0, 0, 0, 0};
+        for (r = 0; r < rows; r = r1) {
+            r1 = r + FASTBN_FLUSH < rows ? r + FASTBN_FLUSH : rows;
+            for (w = 0; w < W; w++) s[w] = q[w] = zero;
+            for (; r < r1; r++)
+                for (w = 0; w < W; w++) {
+                    memcpy(&u, x + r * C + c0 + 8 * w, 32);
+                    u -= m[w];
+                    s[w] += u;
+                    q[w] += u * u;
+                }
+            for (w = 0; w < W; w++) {
+                t1[2 * w] += __builtin_convertvector(__builtin_shufflevector(s[w], s[w], 0, 1, 2, 3), fastbn_v4d);
+                t1[2 * w + 1] += __builtin_convertvector(__builtin_shufflevector(s[w], s[w], 4, 5, 6, 7), fastbn_v4d);
+                t2[2 * w] += __builtin_convertvector(__builtin_shufflevector(q[w], q[w], 0, 1, 2, 3), fastbn_v4d);
+                t2[2 * w + 1] += __builtin_convertvector(__builtin_shufflevector(q[w], q[w], 4, 5, 6, 7), fastbn_v4d);
+            }
+        }
+        for (k = 0; k < 8 * W; k++) {
+            c = c0 + k;
+            sum1 = t1[k / 4][k % 4];
+            sum2 = t2[k / 4][k % 4];
+            if (!__builtin_isfinite(sum1) || !__builtin_isfinite(sum2) || sum2 < rows * 1e-30) {
+                fastbn_rows_sums_wide_f32(x, rows, C, c, shift, part1, part2);
+                continue;
+            }
+            delta = (double)m[k / 8][k % 8] - shift[c];
+            part1[c] += sum1 + rows * delta;
+            part2[c] += sum2 + (2.0 * delta) * sum1 + rows * (delta * delta);
+        }
+    }
+    static void fastbn_rows_sums_f32(const float *x, Py_ssize_t rows, Py_ssize_t C,
+                                     const double *shift, double *part1, double *part2) {
+        Py_ssize_t c = 0;
+        if (rows > 0) {
+            for (; c + 32 <= C; c += 32) fastbn_rows_tile_f32(x, rows, C, c, 4, shift, part1, part2);
+            for (; c + 8 <= C; c += 8) fastbn_rows_tile_f32(x, rows, C, c, 1, shift, part1, part2);
+        }
+        for (; c < C; c++) fastbn_rows_sums_wide_f32(x, rows, C, c, shift, part1, part2);
+    }
+
     #define FASTBN_ELEMENTWISE(SUF, T, V, M, LANES)                                            \
     static inline V fastbn_load_##SUF(const T *p) { V v; memcpy(&v, p, sizeof v); return v; }   \
     static inline void fastbn_store_##SUF(T *p, V v, int stream) {                              \
@@ -330,6 +400,8 @@ cdef extern from *:
     void fastbn_span_grad_sums_f64(const double* dy, const double* x, const double* output,
                                    Py_ssize_t n, double mean, double* sum_dy,
                                    double* sum_dy_xmu) noexcept nogil
+    void fastbn_rows_sums_f32(const float* x, Py_ssize_t rows, Py_ssize_t C, const double* shift,
+                              double* part1, double* part2) noexcept nogil
     void fastbn_affine_run_f32(const float* x, float* y, const float* r, bint relu, Py_ssize_t n,
                                const float* hi, const float* lo, const float* s, const float* t,
                                Py_ssize_t period, Py_ssize_t phase, bint stream) noexcept nogil
@@ -558,6 +630,11 @@ cdef void _cl_partials(const floating* x, const floating* dy, const floating* ou
         p1 = part1 + blk * C
         p2 = part2 + blk * C
         r1 = min(L.outer, (blk + 1) * L.block_rows)
+        if floating is float:
+            if dy == NULL:
+                fastbn_rows_sums_f32(x + blk * L.block_rows * C, r1 - blk * L.block_rows, C,
+                                     center, p1, p2)
+                continue
         t = 0
         while t < C:
             t1 = min(C, t + CHANNEL_TILE)
