@@ -188,8 +188,58 @@ cdef extern from *:
         *sum1 = total1 + n * delta;
         *sum2 = total2 + (2.0 * delta) * total1 + n * (delta * delta);
     }
-    FASTBN_SPAN_GRAD_SUMS(fastbn_span_grad_sums_f32, float)
+    FASTBN_SPAN_GRAD_SUMS(fastbn_span_grad_sums_wide_f32, float)
     FASTBN_SPAN_GRAD_SUMS(fastbn_span_grad_sums_f64, double)
+
+    /* float32 gradient sums, the same way as fastbn_span_sums_f32: g * (x - m) with m the mean
+       rounded to float32 (the data is already centred on it), summed in float32 lanes FLUSH
+       vectors at a time, then in float64, and corrected by (m - mean) * sum(g). Non-finite or
+       tiny (possibly underflowed) sums redo the span in float64. */
+    static void fastbn_span_grad_sums_f32(const float *dy, const float *x, const float *out,
+                                          Py_ssize_t n, double mean, double *sum_dy,
+                                          double *sum_dy_xmu) {
+        typedef int fastbn_v8i_ __attribute__((vector_size(32)));
+        const fastbn_v8f_ zero = {0};
+        const float m = (float)mean;
+        const fastbn_v8f_ m8 = zero + m;
+        fastbn_v8f_ p, q, r, t, g, h, u, w;
+        fastbn_v4d s1 = {0, 0, 0, 0}, s2 = s1;
+        double tail1 = 0.0, tail2 = 0.0, gd, total1, total2;
+        Py_ssize_t i, k, body = n / 16 * 16;
+        if (n < 64) {
+            fastbn_span_grad_sums_wide_f32(dy, x, out, n, mean, sum_dy, sum_dy_xmu);
+            return;
+        }
+        for (i = 0; i < body;) {
+            p = q = r = t = zero;
+            for (k = 0; k < FASTBN_FLUSH && i < body; k++, i += 16) {
+                memcpy(&g, dy + i, 32); memcpy(&h, dy + i + 8, 32);
+                if (out) {
+                    memcpy(&u, out + i, 32); memcpy(&w, out + i + 8, 32);
+                    g = (fastbn_v8f_)((fastbn_v8i_)g & (u > zero));
+                    h = (fastbn_v8f_)((fastbn_v8i_)h & (w > zero));
+                }
+                memcpy(&u, x + i, 32); memcpy(&w, x + i + 8, 32);
+                p += g; q += h; r += g * (u - m8); t += h * (w - m8);
+            }
+            p += q; r += t;
+            s1 += FASTBN_WIDEN(p);
+            s2 += FASTBN_WIDEN(r);
+        }
+        for (i = body; i < n; i++) {
+            gd = (out && !(out[i] > 0)) ? 0.0 : (double)dy[i];
+            tail1 += gd; tail2 += gd * ((double)x[i] - m);
+        }
+        total1 = ((s1[0] + s1[1]) + (s1[2] + s1[3])) + tail1;
+        total2 = ((s2[0] + s2[1]) + (s2[2] + s2[3])) + tail2;
+        if (!__builtin_isfinite(total1) || !__builtin_isfinite(total2)
+                || __builtin_fabs(total2) < n * 1e-30) {
+            fastbn_span_grad_sums_wide_f32(dy, x, out, n, mean, sum_dy, sum_dy_xmu);
+            return;
+        }
+        *sum_dy = total1;
+        *sum_dy_xmu = total2 + ((double)m - mean) * total1;
+    }
 
     /* Element-wise passes over a contiguous run of n values, written as explicit 32-byte vectors
        so that large outputs can go straight from registers to memory with aligned non-temporal

@@ -151,3 +151,27 @@ def test_float32_statistics_accuracy(backend, rng, axis):
         std = np.sqrt(exact_m2 / count)
         assert np.all(np.abs(mean - exact_mean) <= 1e-7 * std + 1e-300), name
         assert np.all(np.abs(m2 - exact_m2) <= 1e-6 * exact_m2), name
+
+
+@pytest.mark.parametrize("axis", [1, -1])
+def test_float32_gradient_sums_accuracy(backend, rng, axis):
+    """grad_weight = sum(dy * xhat) and grad_bias = sum(dy) of float32 data within 1e-6 of
+    the float64 sums (relative to the sums of magnitudes: these sums may cancel), including
+    products dy * (x - mean) that underflow float32 (1e-25 * 1e-30) and all-zero gradients."""
+    shape = (6, 3, 1000) if axis == 1 else (3000, 43)
+    channels = shape[axis]
+    for dy_scale in (1.0, 1e-25, 0.0):
+        for name, data in _awkward_float32_channels(rng, shape).items():
+            x = data.astype(np.float32)
+            dy = (rng.standard_normal(shape) * dy_scale).astype(np.float32)
+            xd = np.moveaxis(x.astype(np.float64), axis, 0).reshape(channels, -1)
+            gd = np.moveaxis(dy.astype(np.float64), axis, 0).reshape(channels, -1)
+            mean = xd.mean(axis=1)
+            invstd = 1.0 / np.sqrt(xd.var(axis=1) + 1e-300)  # eps ~ 0: tiny data stays tiny
+            _, grad_weight, grad_bias = fastbn.batch_norm_backward(
+                dy, x, mean, invstd, np.ones(channels), axis=axis, backend=backend)
+            xhat = (xd - mean[:, None]) * invstd[:, None]
+            exact_w, scale_w = (gd * xhat).sum(1), np.abs(gd * xhat).sum(1)
+            exact_b, scale_b = gd.sum(1), np.abs(gd).sum(1)
+            assert np.all(np.abs(grad_weight - exact_w) <= 1e-6 * scale_w), (name, dy_scale)
+            assert np.all(np.abs(grad_bias - exact_b) <= 1e-6 * scale_b), (name, dy_scale)
