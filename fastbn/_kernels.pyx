@@ -293,6 +293,11 @@ cdef extern from *:
         part1[c] += t1;
         part2[c] += t2;
     }
+    /* t[0..1] += the 8 lanes of v, in float64. */
+    static inline void fastbn_widen_add(fastbn_v4d *t, fastbn_v8f_ v) {
+        t[0] += __builtin_convertvector(__builtin_shufflevector(v, v, 0, 1, 2, 3), fastbn_v4d);
+        t[1] += __builtin_convertvector(__builtin_shufflevector(v, v, 4, 5, 6, 7), fastbn_v4d);
+    }
     static inline __attribute__((always_inline)) void fastbn_rows_tile_f32(
             const float *x, Py_ssize_t rows, Py_ssize_t C, Py_ssize_t c0, const int W,
             const double *shift, double *part1, double *part2) {
@@ -317,10 +322,8 @@ cdef extern from *:
                     q[w] += u * u;
                 }
             for (w = 0; w < W; w++) {
-                t1[2 * w] += __builtin_convertvector(__builtin_shufflevector(s[w], s[w], 0, 1, 2, 3), fastbn_v4d);
-                t1[2 * w + 1] += __builtin_convertvector(__builtin_shufflevector(s[w], s[w], 4, 5, 6, 7), fastbn_v4d);
-                t2[2 * w] += __builtin_convertvector(__builtin_shufflevector(q[w], q[w], 0, 1, 2, 3), fastbn_v4d);
-                t2[2 * w + 1] += __builtin_convertvector(__builtin_shufflevector(q[w], q[w], 4, 5, 6, 7), fastbn_v4d);
+                fastbn_widen_add(t1 + 2 * w, s[w]);
+                fastbn_widen_add(t2 + 2 * w, q[w]);
             }
         }
         for (k = 0; k < 8 * W; k++) {
@@ -335,6 +338,77 @@ cdef extern from *:
             part1[c] += sum1 + rows * delta;
             part2[c] += sum2 + (2.0 * delta) * sum1 + rows * (delta * delta);
         }
+    }
+    /* Channels-last float32 gradient sums of one block, added to part1[c] = sum(g) and
+       part2[c] = sum(g * (x - mean[c])), g = dy masked where out <= 0 (out may be NULL): as
+       fastbn_span_grad_sums_f32 (x centred on the float32 mean), with the register tiles of
+       fastbn_rows_tile_f32. */
+    static void fastbn_rows_grad_wide_f32(const float *dy, const float *x, const float *out,
+                                          Py_ssize_t rows, Py_ssize_t C, Py_ssize_t c,
+                                          const double *mean, double *part1, double *part2) {
+        double g, t1 = 0.0, t2 = 0.0;
+        Py_ssize_t r, i;
+        for (r = 0; r < rows; r++) {
+            i = r * C + c;
+            g = (out && !(out[i] > 0)) ? 0.0 : (double)dy[i];
+            t1 += g;
+            t2 += g * ((double)x[i] - mean[c]);
+        }
+        part1[c] += t1;
+        part2[c] += t2;
+    }
+    static inline __attribute__((always_inline)) void fastbn_rows_grad_tile_f32(
+            const float *dy, const float *x, const float *out, Py_ssize_t rows, Py_ssize_t C,
+            Py_ssize_t c0, const int W, const double *mean, double *part1, double *part2) {
+        typedef int fastbn_v8i_ __attribute__((vector_size(32)));
+        const fastbn_v8f_ zero = {0};
+        fastbn_v8f_ m[4], s[4], q[4], g, u;
+        fastbn_v4d t1[8], t2[8];
+        double sum1, sum2;
+        Py_ssize_t r, r1, w, k, c, i;
+        for (k = 0; k < 8 * W; k++) m[k / 8][k % 8] = (float)mean[c0 + k];
+        for (k = 0; k < 2 * W; k++) t1[k] = t2[k] = (fastbn_v4d){0, 0, 0, 0};
+        for (r = 0; r < rows; r = r1) {
+            r1 = r + FASTBN_FLUSH < rows ? r + FASTBN_FLUSH : rows;
+            for (w = 0; w < W; w++) s[w] = q[w] = zero;
+            for (; r < r1; r++)
+                for (w = 0; w < W; w++) {
+                    i = r * C + c0 + 8 * w;
+                    memcpy(&g, dy + i, 32);
+                    if (out) { memcpy(&u, out + i, 32); g = (fastbn_v8f_)((fastbn_v8i_)g & (u > zero)); }
+                    memcpy(&u, x + i, 32);
+                    s[w] += g;
+                    q[w] += g * (u - m[w]);
+                }
+            for (w = 0; w < W; w++) {
+                fastbn_widen_add(t1 + 2 * w, s[w]);
+                fastbn_widen_add(t2 + 2 * w, q[w]);
+            }
+        }
+        for (k = 0; k < 8 * W; k++) {
+            c = c0 + k;
+            sum1 = t1[k / 4][k % 4];
+            sum2 = t2[k / 4][k % 4];
+            if (!__builtin_isfinite(sum1) || !__builtin_isfinite(sum2)
+                    || __builtin_fabs(sum2) < rows * 1e-30) {
+                fastbn_rows_grad_wide_f32(dy, x, out, rows, C, c, mean, part1, part2);
+                continue;
+            }
+            part1[c] += sum1;
+            part2[c] += sum2 + ((double)m[k / 8][k % 8] - mean[c]) * sum1;
+        }
+    }
+    static void fastbn_rows_grad_f32(const float *dy, const float *x, const float *out,
+                                     Py_ssize_t rows, Py_ssize_t C, const double *mean,
+                                     double *part1, double *part2) {
+        Py_ssize_t c = 0;
+        if (rows > 0) {
+            for (; c + 32 <= C; c += 32)
+                fastbn_rows_grad_tile_f32(dy, x, out, rows, C, c, 4, mean, part1, part2);
+            for (; c + 8 <= C; c += 8)
+                fastbn_rows_grad_tile_f32(dy, x, out, rows, C, c, 1, mean, part1, part2);
+        }
+        for (; c < C; c++) fastbn_rows_grad_wide_f32(dy, x, out, rows, C, c, mean, part1, part2);
     }
     static void fastbn_rows_sums_f32(const float *x, Py_ssize_t rows, Py_ssize_t C,
                                      const double *shift, double *part1, double *part2) {
@@ -452,6 +526,9 @@ cdef extern from *:
                                    double* sum_dy_xmu) noexcept nogil
     void fastbn_rows_sums_f32(const float* x, Py_ssize_t rows, Py_ssize_t C, const double* shift,
                               double* part1, double* part2) noexcept nogil
+    void fastbn_rows_grad_f32(const float* dy, const float* x, const float* out, Py_ssize_t rows,
+                              Py_ssize_t C, const double* mean, double* part1,
+                              double* part2) noexcept nogil
     void fastbn_affine_run_f32(const float* x, float* y, const float* r, bint relu, Py_ssize_t n,
                                const float* hi, const float* lo, const float* s, const float* t,
                                Py_ssize_t period, Py_ssize_t phase, bint stream) noexcept nogil
@@ -667,42 +744,55 @@ cdef void _cf_reduce(Layout L, Py_ssize_t c0, Py_ssize_t c1, const double* part1
         total2[c0 + c] = s2
 
 
+cdef inline void _cl_block_wide(const floating* x, const floating* dy, const floating* output,
+                                Py_ssize_t rows, Py_ssize_t C, const double* center,
+                                double* p1, double* p2) noexcept nogil:
+    """float64 sums of one block of rows, channel tile by channel tile (float64 data)."""
+    cdef Py_ssize_t r, c, t, t1, offset
+    cdef double d, g
+    t = 0
+    while t < C:
+        t1 = min(C, t + CHANNEL_TILE)
+        for r in range(rows):
+            offset = r * C
+            if dy == NULL:
+                for c in range(t, t1):
+                    d = <double> x[offset + c] - center[c]
+                    p1[c] += d
+                    p2[c] += d * d
+            else:
+                for c in range(t, t1):
+                    g = <double> dy[offset + c]
+                    if output != NULL and not output[offset + c] > 0:
+                        g = 0.0
+                    p1[c] += g
+                    p2[c] += g * (<double> x[offset + c] - center[c])
+        t = t1
+
+
 cdef void _cl_partials(const floating* x, const floating* dy, const floating* output,
                        Layout L, const double* center, double* part1,
                        double* part2) noexcept nogil:
-    """Channels-last partial sums: part[blk, c] for each block of rows (zeroed by the caller)."""
+    """Channels-last partial sums: part[blk, c] for each block of rows (zeroed by the caller).
+
+    Without dy: shifted moments of x about `center`; with dy: the gradient sums."""
     cdef Py_ssize_t C = L.channels
-    cdef Py_ssize_t blk, r, r1, c, t, t1, offset
-    cdef double d, g
-    cdef double* p1
-    cdef double* p2
+    cdef Py_ssize_t blk, rows, offset
     for blk in prange(L.nblocks, schedule="static", num_threads=L.threads):
-        p1 = part1 + blk * C
-        p2 = part2 + blk * C
-        r1 = min(L.outer, (blk + 1) * L.block_rows)
+        rows = min(L.outer, (blk + 1) * L.block_rows) - blk * L.block_rows
+        offset = blk * L.block_rows * C
         if floating is float:
             if dy == NULL:
-                fastbn_rows_sums_f32(x + blk * L.block_rows * C, r1 - blk * L.block_rows, C,
-                                     center, p1, p2)
-                continue
-        t = 0
-        while t < C:
-            t1 = min(C, t + CHANNEL_TILE)
-            for r in range(blk * L.block_rows, r1):
-                offset = r * C
-                if dy == NULL:
-                    for c in range(t, t1):
-                        d = <double> x[offset + c] - center[c]
-                        p1[c] += d
-                        p2[c] += d * d
-                else:
-                    for c in range(t, t1):
-                        g = <double> dy[offset + c]
-                        if output != NULL and not output[offset + c] > 0:
-                            g = 0.0
-                        p1[c] += g
-                        p2[c] += g * (<double> x[offset + c] - center[c])
-            t = t1
+                fastbn_rows_sums_f32(x + offset, rows, C, center, part1 + blk * C,
+                                     part2 + blk * C)
+            else:
+                fastbn_rows_grad_f32(dy + offset, x + offset,
+                                     NULL if output == NULL else output + offset, rows, C,
+                                     center, part1 + blk * C, part2 + blk * C)
+        else:
+            _cl_block_wide(x + offset, NULL if dy == NULL else dy + offset,
+                           NULL if output == NULL else output + offset, rows, C, center,
+                           part1 + blk * C, part2 + blk * C)
 
 
 cdef void _cl_reduce(Layout L, const double* part1, const double* part2,
