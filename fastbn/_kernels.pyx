@@ -619,6 +619,9 @@ cdef struct Layout:
     Py_ssize_t nseg, seglen          # channels-first: segments per (n, c) row and their length
     Py_ssize_t group                 # channels-first: channels processed together
     Py_ssize_t chunk_rows            # channels-first: rows n per block
+    Py_ssize_t cf_units              # channels-first: (row chunk, segment) units per group
+    Py_ssize_t chan_chunk            # channels-first: channels of a unit per block
+    Py_ssize_t chan_blocks           # channels-first: blocks per unit
     Py_ssize_t cf_blocks             # channels-first: blocks per channel group
     Py_ssize_t nblocks, block_rows   # channels-last: row blocks and rows per block
     int threads
@@ -651,15 +654,22 @@ cdef Layout _layout(cnp.ndarray x, int num_threads):
 cdef void _set_group(Layout* L, Py_ssize_t group) noexcept:
     """Channels-first blocks for groups of `group` channels.
 
-    A block is a run of rows n, each contributing the group's channels (or one segment of each
+    A unit is a run of rows n, each contributing the group's channels (or one segment of each
     channel's row when rows are long), visited in memory order; short rows (7x7 images) are
-    grouped along n so that a block holds about SEGMENT values.
+    grouped along n so that a unit holds about SEGMENT values. A unit of one row with more
+    than SEGMENT values (a batch of one 56x56 image) is split into blocks of channels, so
+    that small batches use every thread. Partial sums are kept per (unit, channel).
     """
     cdef Py_ssize_t chunk_rows
     L.group = group
     chunk_rows = max(1, SEGMENT // max(1, group * L.inner)) if L.nseg == 1 else 1
     L.chunk_rows = chunk_rows
-    L.cf_blocks = max(1, (L.outer + chunk_rows - 1) // chunk_rows) * L.nseg
+    L.cf_units = max(1, (L.outer + chunk_rows - 1) // chunk_rows) * L.nseg
+    L.chan_chunk = max(1, group)
+    if L.nseg == 1 and group * L.inner > SEGMENT:
+        L.chan_chunk = max(1, SEGMENT // max(1, L.inner))
+    L.chan_blocks = max(1, (group + L.chan_chunk - 1) // L.chan_chunk)
+    L.cf_blocks = L.cf_units * L.chan_blocks
 
 
 cdef Py_ssize_t _group_channels(Layout L, Py_ssize_t bytes_per_value):
@@ -694,27 +704,30 @@ cdef inline void _span_grad_sums(const floating* dy, const floating* x, const fl
 cdef void _cf_partials(const floating* x, const floating* dy, const floating* output,
                        Layout L, Py_ssize_t c0, Py_ssize_t c1, const double* center,
                        double* part1, double* part2) noexcept nogil:
-    """Channels-first partial sums of channels [c0, c1): part[block * G + (c - c0)].
+    """Channels-first partial sums of channels [c0, c1): part[unit * G + (c - c0)].
 
     Without dy: shifted moments of x about `center`; with dy: the gradient sums.
     """
     cdef Py_ssize_t G = c1 - c0
-    cdef Py_ssize_t blk, n, c, r0, r1, start, length, offset
+    cdef Py_ssize_t blk, unit, n, c, ca, ce, r0, r1, start, length, offset
     cdef double t1, t2
     cdef double* p1
     cdef double* p2
     for blk in prange(L.cf_blocks, schedule="static", num_threads=L.threads):
-        r0 = (blk // L.nseg) * L.chunk_rows
+        unit = blk // L.chan_blocks
+        ca = c0 + (blk % L.chan_blocks) * L.chan_chunk
+        ce = min(c1, ca + L.chan_chunk)
+        r0 = (unit // L.nseg) * L.chunk_rows
         r1 = min(L.outer, r0 + L.chunk_rows)
-        start = (blk % L.nseg) * L.seglen
+        start = (unit % L.nseg) * L.seglen
         length = min(L.seglen, L.inner - start)
-        p1 = part1 + blk * G
-        p2 = part2 + blk * G
-        for c in range(G):
+        p1 = part1 + unit * G
+        p2 = part2 + unit * G
+        for c in range(ca - c0, ce - c0):
             p1[c] = 0.0
             p2[c] = 0.0
         for n in range(r0, r1):
-            for c in range(c0, c1):
+            for c in range(ca, ce):
                 offset = (n * L.channels + c) * L.inner + start
                 t1 = 0.0  # assigned so that prange makes them thread-private: their address
                 t2 = 0.0  # is taken below, which Cython does not count as an assignment
@@ -730,16 +743,16 @@ cdef void _cf_partials(const floating* x, const floating* dy, const floating* ou
 
 cdef void _cf_reduce(Layout L, Py_ssize_t c0, Py_ssize_t c1, const double* part1,
                      const double* part2, double* total1, double* total2) noexcept nogil:
-    """Add each channel's block partials in block order."""
+    """Add each channel's unit partials in unit order."""
     cdef Py_ssize_t G = c1 - c0
-    cdef Py_ssize_t c, blk
+    cdef Py_ssize_t c, unit
     cdef double s1, s2
     for c in range(G):
         s1 = 0.0
         s2 = 0.0
-        for blk in range(L.cf_blocks):
-            s1 += part1[blk * G + c]
-            s2 += part2[blk * G + c]
+        for unit in range(L.cf_units):
+            s1 += part1[unit * G + c]
+            s2 += part2[unit * G + c]
         total1[c0 + c] = s1
         total2[c0 + c] = s2
 
@@ -867,7 +880,7 @@ cdef void _cf_elementwise(Elementwise* E, floating* tag, Layout L, Py_ssize_t c0
     cdef floating* out = <floating*> E.out
     cdef floating* tiles = NULL
     cdef floating* tile
-    cdef Py_ssize_t blk, n, c, r0, r1, start, length, offset, fill, tile_start
+    cdef Py_ssize_t blk, unit, n, c, ca, ce, r0, r1, start, length, offset, fill, tile_start
     cdef bint direct = not L.stream or L.seglen >= DIRECT_SPAN
     if not direct:
         tiles = <floating*> malloc(L.threads * TILE * sizeof(floating))
@@ -875,14 +888,17 @@ cdef void _cf_elementwise(Elementwise* E, floating* tag, Layout L, Py_ssize_t c0
             direct = True  # no memory for the tiles: direct stores are correct too
     for blk in prange(L.cf_blocks, schedule="static", num_threads=L.threads):
         tile = tiles + threadid() * TILE
-        r0 = (blk // L.nseg) * L.chunk_rows
+        unit = blk // L.chan_blocks
+        ca = c0 + (blk % L.chan_blocks) * L.chan_chunk
+        ce = min(c1, ca + L.chan_chunk)
+        r0 = (unit // L.nseg) * L.chunk_rows
         r1 = min(L.outer, r0 + L.chunk_rows)
-        start = (blk % L.nseg) * L.seglen
+        start = (unit % L.nseg) * L.seglen
         length = min(L.seglen, L.inner - start)
         fill = 0
         tile_start = 0
         for n in range(r0, r1):
-            for c in range(c0, c1):
+            for c in range(ca, ce):
                 offset = (n * L.channels + c) * L.inner + start
                 if direct:
                     _eltwise_run(E, out + offset, offset, length, c, 1, L.stream)
@@ -1153,8 +1169,8 @@ cdef class _Scratch:
 
 
 cdef Py_ssize_t _partial_slots(Layout L, Py_ssize_t group):
-    """Channels-last keeps blocks x C partials; channels-first one per block of a group."""
-    return L.nblocks * L.channels if L.inner == 1 else group * L.cf_blocks
+    """Channels-last keeps blocks x C partials; channels-first units x group channels."""
+    return L.nblocks * L.channels if L.inner == 1 else group * L.cf_units
 
 
 cdef _run_moments(floating* tag, cnp.ndarray x, Layout L):

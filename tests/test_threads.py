@@ -10,9 +10,10 @@ import pytest
 
 import fastbn
 
-# Big enough to be split into many blocks and run in parallel (above the serial threshold).
+# Big enough to be split into many blocks and run in parallel (above the serial threshold);
+# (1, 40, 60, 61): a batch of one, split into blocks of channels.
 SHAPES_AND_AXES = [((6, 5, 150, 37), 1), ((700, 3, 49), 1), ((3000, 37), 1), ((40, 33, 97), -1),
-                   ((2, 3, 40000), 1)]
+                   ((2, 3, 40000), 1), ((1, 40, 60, 61), 1)]
 
 
 def run_everything(x, axis, backend):
