@@ -556,7 +556,7 @@ cdef Py_ssize_t CHANNEL_TILE = 512       # channels-last accumulators stay in L1
 cdef Py_ssize_t GROUP_BYTES = 4 << 20    # channels-first cache-blocking group size
 cdef Py_ssize_t SERIAL_BELOW = 1 << 15   # elements; smaller calls run on one thread
 cdef Py_ssize_t STREAM_ABOVE = 4 << 20   # output bytes; larger outputs bypass the cache
-DEF TILE = 8192                          # elements computed in L1 before a streamed store
+DEF TILE = 4096                          # elements computed in L1 before a streamed store (256, 8192: slower)
 DEF DIRECT_SPAN = 256                    # shorter channels-first spans go through the tile
 DEF PARAM_PAD = 8                        # lanes of the widest vector (float32)
 
