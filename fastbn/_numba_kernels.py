@@ -18,6 +18,19 @@ Numerics
   float32 input with a large offset loses no digits in the subtraction.
 * ReLU is ``0 if y <= 0 else y``: NaN passes through.
 
+Channels-first blocks
+---------------------
+Block j of a channel is a run of images n (and, for rows longer than ``BLOCK``, a piece of each
+row), about ``BLOCK`` values; its shifted sums go to the slot (channel, j). The work is shared out
+in units that read memory in order. With short rows (``inner <= RUN``, e.g. 7x7 images) a unit is
+one block of ``RUN // inner`` adjacent channels, whose rows form one contiguous run per image; its
+lanes run across that run with one shift, mean or constant per element, so a 49-value row costs no
+call, no remainder loop and no lane reset. With long rows a unit is one block of one channel, each
+row cut into rows of ``LANES`` lanes. Every lane belongs to one channel, so how channels are shared
+out never changes a result (moments and training give the same statistics). Training forward and
+backward run channel group by channel group (``GROUP_BYTES`` of input), so that the second pass
+over a group finds it in cache.
+
 Threading layer
 ---------------
 Unless the user chose one (``NUMBA_THREADING_LAYER`` or ``numba.config.THREADING_LAYER``), fastbn
@@ -40,15 +53,16 @@ The thread count comes from ``fastbn.set_num_threads`` (or OpenMP's limit): it i
 
 Compilation
 -----------
-Kernels compile lazily: one parallel function per operation and layout (channels-first or
-channels-last), specialized only on the dtype (residual/output presence and ReLU are runtime
-flags), so at most 16 specializations exist and a user pays only for those used. All are cached on
-disk (``cache=True``; Numba writes cache files atomically and keys them on the source file's
-timestamp). Measured on the 2-core development machine (heavily loaded by other jobs, so upper
-bounds): cold first call (empty cache) 4-13 s per channels-last kernel, 8-19 s for channels-first
-moments/training, 20-30 s for channels-first backward; about 150 s to compile all 16. Warm cache:
-import 0.8 s, first call 0.05 s (about 1 s for the very first call of a process: Numba and TBB
-start-up).
+Kernels compile lazily, each specialized only on the dtype (residual/output presence, ReLU and
+training are runtime flags): three parallel functions per layout (channels-first: block partial
+sums, normalization, dx; channels-last: moments, normalization, backward) and small serial
+functions that combine them, so at most 12 parallel specializations exist and a user pays only for
+those used. All are cached on disk (``cache=True``; Numba writes cache files atomically and keys
+them on the source file's timestamp). Measured on the 2-core development machine (shared with
+other jobs, so upper bounds), cold first call (empty cache) in a fresh process: channels-first
+moments 12 s, training 18 s, backward 18 s, inference 7 s; channels-last 3-8 s per operation;
+about 80 s to compile everything for both dtypes. Warm cache: import 0.8 s, first call 0.05 s
+(about 1 s for the very first call of a process: Numba and TBB start-up).
 """
 from __future__ import annotations
 
@@ -57,7 +71,8 @@ import threading
 
 import numba
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.extending import overload
 
 __all__ = ["moments", "normalize", "train_forward", "backward"]
 
@@ -65,14 +80,20 @@ if "NUMBA_THREADING_LAYER" not in os.environ and numba.config.THREADING_LAYER ==
     # One OpenMP pool shared with the Cython kernels: no oversubscription (see the docstring).
     numba.config.THREADING_LAYER_PRIORITY = ["omp", "tbb", "workqueue"]
 
-# Lanes (independent float64 accumulators) per row of a channels-first block.
+# Independent float64 accumulators (lanes) over a long channels-first row.
 LANES = 32
 # Elements per statistics block (channels-first / channels-last).
 BLOCK = 16384
 BLOCK_NHWC = 65536
+# Channels-first rows (inner) of at most RUN values are short: a work unit then holds whole rows
+# of RUN // inner adjacent channels, one contiguous run per image n, and its loops run across
+# the run with one shift or constant per element (no call and no remainder loop per 7x7 row).
+RUN = 1024
 # Bytes of input per channel group in the fused channels-first passes: the second pass over a
-# group re-reads data that the first pass left in the (8 MB, shared) last-level cache.
-GROUP_BYTES = 1 << 21
+# group re-reads data that the first pass left in the (8 MB, shared) last-level cache. As in the
+# Cython backend; 2 MB groups were slower for 7x7 images (twice the parallel calls, fewer units
+# per call to share between the threads).
+GROUP_BYTES = 1 << 22
 # Channels per chunk when merging channels-last partials in parallel.
 MERGE_CHUNK = 256
 
@@ -80,23 +101,23 @@ _JIT = dict(cache=True, nogil=True)
 _PARALLEL = dict(parallel=True, cache=True, nogil=True)
 
 
-# ----------------------------------------------------------------------------- lane helpers
+# ----------------------------------------------------------------------------- row helpers
+# They work on rows of `width` elements of flat arrays, row r starting at start + r * stride.
 
 @njit(**_JIT)
-def _lanes_moments(xs, width, shiftv, s, q):
-    """Accumulate the rows of width `width` of the 1-D contiguous `xs` into lanes s, q.
+def _lanes_moments(xf, start, rows, stride, width, shiftv, s, q):
+    """Accumulate the rows into lanes s, q: s[k] += x - shift[k], q[k] += (x - shift[k])**2.
 
-    s[k] += x - shift[k], q[k] += (x - shift[k])**2 in float64; four rows are combined per
-    update so the accumulators are loaded and stored once per four elements.
+    In float64; four rows are combined per update so the lanes are loaded and stored once per
+    four elements.
     """
-    rows = xs.shape[0] // width
     r = 0
     while r + 4 <= rows:
-        b = r * width
-        x0 = xs[b:b + width]
-        x1 = xs[b + width:b + 2 * width]
-        x2 = xs[b + 2 * width:b + 3 * width]
-        x3 = xs[b + 3 * width:b + 4 * width]
+        b = start + r * stride
+        x0 = xf[b:b + width]
+        x1 = xf[b + stride:b + stride + width]
+        x2 = xf[b + 2 * stride:b + 2 * stride + width]
+        x3 = xf[b + 3 * stride:b + 3 * stride + width]
         for k in range(width):
             sh = shiftv[k]
             d0 = x0[k] - sh
@@ -107,8 +128,7 @@ def _lanes_moments(xs, width, shiftv, s, q):
             q[k] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
         r += 4
     while r < rows:
-        b = r * width
-        x0 = xs[b:b + width]
+        x0 = xf[start + r * stride:start + r * stride + width]
         for k in range(width):
             d0 = x0[k] - shiftv[k]
             s[k] += d0
@@ -117,53 +137,43 @@ def _lanes_moments(xs, width, shiftv, s, q):
 
 
 @njit(**_JIT)
-def _lanes_grad(dys, xs, os, has_out, width, meanv, s, q):
-    """Backward sums over rows of width `width`: s[k] += g, q[k] += g * (x - mean[k]).
+def _lanes_grad(dyf, xf, of, has_out, start, rows, stride, width, meanv, s, q):
+    """Backward sums of the rows: s[k] += g, q[k] += g * (x - mean[k]).
 
-    g = dy, or dy masked by output > 0 when `has_out` (`os` is the forward output).
+    g = dy, or dy masked by output > 0 when `has_out` (`of` is the forward output).
     """
-    rows = xs.shape[0] // width
     r = 0
     while r + 4 <= rows:
-        b = r * width
-        g0s = dys[b:b + width]
-        g1s = dys[b + width:b + 2 * width]
-        g2s = dys[b + 2 * width:b + 3 * width]
-        g3s = dys[b + 3 * width:b + 4 * width]
-        x0 = xs[b:b + width]
-        x1 = xs[b + width:b + 2 * width]
-        x2 = xs[b + 2 * width:b + 3 * width]
-        x3 = xs[b + 3 * width:b + 4 * width]
-        if has_out:
-            o0 = os[b:b + width]
-            o1 = os[b + width:b + 2 * width]
-            o2 = os[b + 2 * width:b + 3 * width]
-            o3 = os[b + 3 * width:b + 4 * width]
-            for k in range(width):
-                m = meanv[k]
-                g0 = np.float64(g0s[k]) if o0[k] > 0 else 0.0
-                g1 = np.float64(g1s[k]) if o1[k] > 0 else 0.0
-                g2 = np.float64(g2s[k]) if o2[k] > 0 else 0.0
-                g3 = np.float64(g3s[k]) if o3[k] > 0 else 0.0
-                s[k] += (g0 + g1) + (g2 + g3)
-                q[k] += ((g0 * (x0[k] - m) + g1 * (x1[k] - m))
-                         + (g2 * (x2[k] - m) + g3 * (x3[k] - m)))
-        else:
-            for k in range(width):
-                m = meanv[k]
-                g0 = np.float64(g0s[k])
-                g1 = np.float64(g1s[k])
-                g2 = np.float64(g2s[k])
-                g3 = np.float64(g3s[k])
-                s[k] += (g0 + g1) + (g2 + g3)
-                q[k] += ((g0 * (x0[k] - m) + g1 * (x1[k] - m))
-                         + (g2 * (x2[k] - m) + g3 * (x3[k] - m)))
+        b = start + r * stride
+        g0s = dyf[b:b + width]
+        g1s = dyf[b + stride:b + stride + width]
+        g2s = dyf[b + 2 * stride:b + 2 * stride + width]
+        g3s = dyf[b + 3 * stride:b + 3 * stride + width]
+        x0 = xf[b:b + width]
+        x1 = xf[b + stride:b + stride + width]
+        x2 = xf[b + 2 * stride:b + 2 * stride + width]
+        x3 = xf[b + 3 * stride:b + 3 * stride + width]
+        o0 = of[b:b + width]
+        o1 = of[b + stride:b + stride + width]
+        o2 = of[b + 2 * stride:b + 2 * stride + width]
+        o3 = of[b + 3 * stride:b + 3 * stride + width]
+        # The mask test sits in the loop (LLVM unswitches it): a branch around the slices kept
+        # Numba from pruning their reference counting, an atomic pair per slice.
+        for k in range(width):
+            m = meanv[k]
+            g0 = np.float64(g0s[k]) if (not has_out or o0[k] > 0) else 0.0
+            g1 = np.float64(g1s[k]) if (not has_out or o1[k] > 0) else 0.0
+            g2 = np.float64(g2s[k]) if (not has_out or o2[k] > 0) else 0.0
+            g3 = np.float64(g3s[k]) if (not has_out or o3[k] > 0) else 0.0
+            s[k] += (g0 + g1) + (g2 + g3)
+            q[k] += ((g0 * (x0[k] - m) + g1 * (x1[k] - m))
+                     + (g2 * (x2[k] - m) + g3 * (x3[k] - m)))
         r += 4
     while r < rows:
-        b = r * width
-        g0s = dys[b:b + width]
-        x0 = xs[b:b + width]
-        o0 = os[b:b + width]
+        b = start + r * stride
+        g0s = dyf[b:b + width]
+        x0 = xf[b:b + width]
+        o0 = of[b:b + width]
         for k in range(width):
             g0 = np.float64(g0s[k]) if (not has_out or o0[k] > 0) else 0.0
             s[k] += g0
@@ -172,102 +182,73 @@ def _lanes_grad(dys, xs, os, has_out, width, meanv, s, q):
 
 
 @njit(**_JIT)
-def _tree_sum(v):
-    """Sum of v (length a power of two) in a fixed pairwise order; v is overwritten."""
-    w = v.shape[0]
-    while w > 1:
-        w //= 2
-        for k in range(w):
-            v[k] += v[k + w]
-    return v[0]
+def _lanes(grad, has_out, dyf, xf, of, start, rows, stride, width, centerv, s, q):
+    """_lanes_grad about centerv when `grad`, else _lanes_moments about centerv."""
+    if grad:
+        _lanes_grad(dyf, xf, of, has_out, start, rows, stride, width, centerv, s, q)
+    else:
+        _lanes_moments(xf, start, rows, stride, width, centerv, s, q)
+
+
+def _at(v, m, i):
+    """Constant m of element i: v[m, i] for constants per element (a 2-D array), v[m] for the
+    same constants for every element (a tuple)."""
+    return v[m, i] if isinstance(v, np.ndarray) else v[m]
+
+
+@overload(_at, inline="always")
+def _at_jit(v, m, i):
+    if isinstance(v, types.Array):
+        return lambda v, m, i: v[m, i]
+    return lambda v, m, i: v[m]
 
 
 @njit(**_JIT)
-def _norm_seg(xs, os, rs, has_res, relu, hi, lo, sc, sh, zero):
-    """os = act(((xs - hi) - lo) * sc + sh [+ rs]) with scalar constants (channels-first row)."""
-    n = xs.shape[0]
-    if relu:
-        if has_res:
-            for i in range(n):
-                y = ((xs[i] - hi) - lo) * sc + sh + rs[i]
-                os[i] = zero if y <= zero else y
-        else:
-            for i in range(n):
-                y = ((xs[i] - hi) - lo) * sc + sh
-                os[i] = zero if y <= zero else y
-    else:
-        if has_res:
-            for i in range(n):
-                os[i] = ((xs[i] - hi) - lo) * sc + sh + rs[i]
-        else:
-            for i in range(n):
-                os[i] = ((xs[i] - hi) - lo) * sc + sh
+def _norm_rows(xf, of, rf, start, rows, stride, width, has_res, relu, consts, zero):
+    """out = act(((x - hi) - lo) * scale + shift [+ residual]), consts = (hi, lo, scale, shift)."""
+    for r in range(rows):
+        b = start + r * stride
+        xs = xf[b:b + width]
+        os = of[b:b + width]
+        rs = rf[b:b + width]
+        for i in range(width):  # flags tested here, not around the slices (see _lanes_grad)
+            y = (((xs[i] - _at(consts, 0, i)) - _at(consts, 1, i)) * _at(consts, 2, i)
+                 + _at(consts, 3, i))
+            y = y + rs[i] if has_res else y
+            os[i] = zero if relu and y <= zero else y
 
 
 @njit(**_JIT)
-def _norm_row(xs, os, rs, has_res, relu, hi, lo, sc, sh, zero):
-    """The same with per-channel vectors (one channels-last row)."""
-    n = xs.shape[0]
-    if relu:
-        if has_res:
-            for i in range(n):
-                y = ((xs[i] - hi[i]) - lo[i]) * sc[i] + sh[i] + rs[i]
-                os[i] = zero if y <= zero else y
+def _dx_rows(dyf, xf, of, dxf, start, rows, stride, width, has_out, training, consts, zero):
+    """dx = g*a + ((x - hi) - lo)*b + c (training) or g*a (frozen: x is not read), where g is dy
+    masked by output > 0 when `has_out` and consts = (a, b, c, hi, lo)."""
+    for r in range(rows):
+        k = start + r * stride
+        dys = dyf[k:k + width]
+        xs = xf[k:k + width]
+        os = of[k:k + width]
+        dxs = dxf[k:k + width]
+        # Four loops: with the flags tested per element, per-element constants did not vectorize.
+        if training:
+            if has_out:
+                for i in range(width):
+                    g = dys[i] if os[i] > 0 else zero
+                    dxs[i] = (g * _at(consts, 0, i)
+                              + ((xs[i] - _at(consts, 3, i)) - _at(consts, 4, i))
+                              * _at(consts, 1, i) + _at(consts, 2, i))
+            else:
+                for i in range(width):
+                    dxs[i] = (dys[i] * _at(consts, 0, i)
+                              + ((xs[i] - _at(consts, 3, i)) - _at(consts, 4, i))
+                              * _at(consts, 1, i) + _at(consts, 2, i))
         else:
-            for i in range(n):
-                y = ((xs[i] - hi[i]) - lo[i]) * sc[i] + sh[i]
-                os[i] = zero if y <= zero else y
-    else:
-        if has_res:
-            for i in range(n):
-                os[i] = ((xs[i] - hi[i]) - lo[i]) * sc[i] + sh[i] + rs[i]
-        else:
-            for i in range(n):
-                os[i] = ((xs[i] - hi[i]) - lo[i]) * sc[i] + sh[i]
-
-
-@njit(**_JIT)
-def _grad_seg(dys, xs, os, has_out, dxs, a, b, c, hi, lo, training, zero):
-    """dx = g*a + ((x - hi) - lo)*b + c (training) or g*a (frozen), scalar constants."""
-    n = xs.shape[0]
-    if training:
-        if has_out:
-            for i in range(n):
-                g = dys[i] if os[i] > 0 else zero
-                dxs[i] = g * a + ((xs[i] - hi) - lo) * b + c
-        else:
-            for i in range(n):
-                dxs[i] = dys[i] * a + ((xs[i] - hi) - lo) * b + c
-    else:
-        if has_out:
-            for i in range(n):
-                g = dys[i] if os[i] > 0 else zero
-                dxs[i] = g * a
-        else:
-            for i in range(n):
-                dxs[i] = dys[i] * a
-
-
-@njit(**_JIT)
-def _grad_row(dys, xs, os, has_out, dxs, a, b, c, hi, lo, training, zero):
-    """The same with per-channel vectors (one channels-last row)."""
-    n = xs.shape[0]
-    if training:
-        if has_out:
-            for i in range(n):
-                g = dys[i] if os[i] > 0 else zero
-                dxs[i] = g * a[i] + ((xs[i] - hi[i]) - lo[i]) * b[i] + c[i]
-        else:
-            for i in range(n):
-                dxs[i] = dys[i] * a[i] + ((xs[i] - hi[i]) - lo[i]) * b[i] + c[i]
-    else:
-        if has_out:
-            for i in range(n):
-                g = dys[i] if os[i] > 0 else zero
-                dxs[i] = g * a[i]
-        else:
-            for i in range(n):
-                dxs[i] = dys[i] * a[i]
+            if has_out:
+                for i in range(width):
+                    g = dys[i] if os[i] > 0 else zero
+                    dxs[i] = g * _at(consts, 0, i)
+            else:
+                for i in range(width):
+                    dxs[i] = dys[i] * _at(consts, 0, i)
 
 
 # ----------------------------------------------------------------------------- geometry
@@ -289,6 +270,18 @@ def _geometry(outer, inner):
 
 
 @njit(**_JIT)
+def _units(c0, c1, outer, inner):
+    """Channels per work unit, and the number of units, over channels [c0, c1).
+
+    A work unit is one block of `chans` adjacent channels (several only for short rows). Unit u
+    is block u % bpc of channels [c0 + (u // bpc) * chans, ...+chans): the threads' static
+    shares of the units get equal numbers of full and partial blocks.
+    """
+    chans = max(1, RUN // inner)
+    return chans, (c1 - c0 + chans - 1) // chans * _geometry(outer, inner)[3]
+
+
+@njit(**_JIT)
 def _group_channels(outer, inner, itemsize, arrays, channels):
     per_channel = outer * inner * itemsize * arrays
     return max(1, min(channels, GROUP_BYTES // max(1, per_channel)))
@@ -303,45 +296,70 @@ def _chw_block_bounds(j, rows, pieces, plen, outer, inner):
 
 
 @njit(**_JIT)
-def _chw_block_moments(x, c, j, rows, pieces, plen, shift, part_s, part_q, slot):
-    """Shifted sums of block j of channel c (channels-first) into part_s/part_q[slot]."""
-    n0, n1, i0, i1 = _chw_block_bounds(j, rows, pieces, plen, x.shape[0], x.shape[2])
-    s = np.zeros(LANES)
-    q = np.zeros(LANES)
-    shiftv = np.full(LANES, shift)
-    full = (i1 - i0) // LANES * LANES
-    for n in range(n0, n1):
-        if full > 0:
-            _lanes_moments(x[n, c, i0:i0 + full], LANES, shiftv, s, q)
-        if i0 + full < i1:
-            _lanes_moments(x[n, c, i0 + full:i1], i1 - i0 - full, shiftv, s, q)
-    part_s[slot] = _tree_sum(s)
-    part_q[slot] = _tree_sum(q)
+def _unit_rows(u, c0, c1, outer, channels, inner):
+    """Channels [ca, cb) of work unit u over channels [c0, c1), and its data as rows of the flat
+    array: (start, rows, stride, width), one row per image n of the unit's block."""
+    rows, pieces, plen, bpc = _geometry(outer, inner)
+    chans = _units(c0, c1, outer, inner)[0]
+    ca = c0 + (u // bpc) * chans
+    cb = min(c1, ca + chans)
+    n0, n1, i0, i1 = _chw_block_bounds(u % bpc, rows, pieces, plen, outer, inner)
+    start = (n0 * channels + ca) * inner + i0
+    return ca, cb, start, n1 - n0, channels * inner, (cb - ca - 1) * inner + i1 - i0
 
 
 @njit(**_JIT)
-def _chw_block_grad(dy, x, output, has_out, c, j, rows, pieces, plen, mean, part_s, part_q,
-                    slot):
-    """Backward sums of block j of channel c (channels-first) into part_s/part_q[slot]."""
-    n0, n1, i0, i1 = _chw_block_bounds(j, rows, pieces, plen, x.shape[0], x.shape[2])
-    s = np.zeros(LANES)
-    q = np.zeros(LANES)
-    meanv = np.full(LANES, mean)
-    full = (i1 - i0) // LANES * LANES
-    for n in range(n0, n1):
-        if full > 0:
-            _lanes_grad(dy[n, c, i0:i0 + full], x[n, c, i0:i0 + full],
-                        output[n, c, i0:i0 + full], has_out, LANES, meanv, s, q)
-        if i0 + full < i1:
-            _lanes_grad(dy[n, c, i0 + full:i1], x[n, c, i0 + full:i1],
-                        output[n, c, i0 + full:i1], has_out, i1 - i0 - full, meanv, s, q)
-    part_s[slot] = _tree_sum(s)
-    part_q[slot] = _tree_sum(q)
+def _expand(v, ca, cb, inner):
+    """The per-channel rows v[:, ca:cb], each value repeated `inner` times (one per element)."""
+    e = np.empty((v.shape[0], (cb - ca) * inner), v.dtype)
+    for m in range(v.shape[0]):
+        for c in range(ca, cb):
+            e[m, (c - ca) * inner:(c - ca + 1) * inner] = v[m, c]
+    return e
 
 
 @njit(**_JIT)
-def _chw_merge(part_s, part_q, base, nblocks, rows, pieces, plen, outer, inner):
+def _unit_sums(dy, x, output, grad, has_out, center, c0, c1, u, part_s, part_q):
+    """Sums of work unit u into part_s/part_q[(c - c0) * bpc + j], block j, channel c.
+
+    Shifted moments about `center` or, with `grad`, the backward sums about it (the mean).
+    Short rows: lanes across the run of the unit's channels, one run per image. Long rows (one
+    channel): each row's values as rows of LANES lanes plus a tail.
+    """
+    outer, channels, inner = x.shape
+    bpc = _geometry(outer, inner)[3]
+    ca, cb, start, rows, stride, width = _unit_rows(u, c0, c1, outer, channels, inner)
+    dyf = dy.reshape(dy.size)
+    xf = x.reshape(x.size)
+    of = output.reshape(output.size)
+    if inner <= RUN:
+        centerv = _expand(center.reshape((1, channels)), ca, cb, inner)[0]
+        period = inner
+        s = np.zeros(width)
+        q = np.zeros(width)
+        _lanes(grad, has_out, dyf, xf, of, start, rows, stride, width, centerv, s, q)
+    else:
+        period = np.int64(LANES)
+        centerv = np.full(period, center[ca])
+        s = np.zeros(period)
+        q = np.zeros(period)
+        full = width // period
+        for r in range(rows):
+            b = start + r * stride
+            _lanes(grad, has_out, dyf, xf, of, b, full, period, period, centerv, s, q)
+            _lanes(grad, has_out, dyf, xf, of, b + full * period, np.int64(1), period,
+                   width - full * period, centerv, s, q)
+    slot = (ca - c0) * bpc + u % bpc
+    for c in range(ca, cb):
+        k = (c - ca) * period
+        part_s[slot + (c - ca) * bpc] = s[k:k + period].sum()
+        part_q[slot + (c - ca) * bpc] = q[k:k + period].sum()
+
+
+@njit(**_JIT)
+def _chw_merge(part_s, part_q, base, outer, inner):
     """Chan's merge of one channel's block partials (shifted sums), in block order."""
+    rows, pieces, plen, nblocks = _geometry(outer, inner)
     n = 0.0
     mean = 0.0
     m2 = 0.0
@@ -401,135 +419,149 @@ def _shift_of(x):
 
 
 @njit(**_JIT)
-def _affine_constants(mean, m2, count, weight, bias, eps, var, hi, lo, sc, sh, c0, c1):
-    """var = m2/count and the compute-dtype constants of the normalization of [c0, c1)."""
+def _affine_constants(mean, m2, count, weight, bias, eps, var, consts, c0, c1):
+    """var = m2/count and the compute-dtype constants (hi, lo, scale, shift) of [c0, c1)."""
     for c in range(c0, c1):
         var[c] = m2[c] / count
-        hi[c] = mean[c]
-        lo[c] = mean[c] - hi[c]
-        sc[c] = weight[c] / np.sqrt(var[c] + eps)
-        sh[c] = bias[c]
+        consts[0, c] = mean[c]
+        consts[1, c] = mean[c] - consts[0, c]
+        consts[2, c] = weight[c] / np.sqrt(var[c] + eps)
+        consts[3, c] = bias[c]
 
 
 @njit(**_JIT)
-def _grad_constants(c0, c1, n, mean, invstd, weight, sum_dy, sum_dy_xmu, a, b, cc, hi, lo):
+def _grad_constants(c0, c1, n, mean, invstd, weight, sum_dy, sum_dy_xmu, consts):
+    """The compute-dtype constants (a, b, c, hi, lo) of dx for channels [c0, c1)."""
     for c in range(c0, c1):
         ac = weight[c] * invstd[c]
-        a[c] = ac
-        b[c] = -ac * invstd[c] * invstd[c] * sum_dy_xmu[c] / n
-        cc[c] = -ac * sum_dy[c] / n
-        hi[c] = mean[c]
-        lo[c] = mean[c] - hi[c]
+        consts[0, c] = ac
+        consts[1, c] = -ac * invstd[c] * invstd[c] * sum_dy_xmu[c] / n
+        consts[2, c] = -ac * sum_dy[c] / n
+        consts[3, c] = mean[c]
+        consts[4, c] = mean[c] - consts[3, c]
 
 
 # ------------------------------------------------------------------------ channels-first kernels
-# One parallel function per operation and layout (compiled only when used). Channels-first
-# operations that read the data twice run channel group by channel group, so the second pass
-# finds the group in cache.
+# Three parallel functions (compiled only when used) work on a channel range [c0, c1) unit by
+# unit (see _units): block partial sums, normalization and dx. Training forward and backward run
+# them channel group by channel group, so the second pass finds the group in cache. A constant
+# argument (False, 0) is typed as a literal and compiles a specialization of its own, and so
+# does a prange index (int64 when the loop is typed, uint64 in the parallel body): np.bool_,
+# np.int64 keep one specialization per dtype.
 
 @njit(**_PARALLEL)
-def _chw_moments(x):
+def _chw_partials(dy, x, output, grad, has_out, center, c0, c1, part_s, part_q):
+    """Block partial sums of channels [c0, c1) (see _unit_sums)."""
+    outer, _, inner = x.shape
+    units = _units(c0, c1, outer, inner)[1]
+    for u in prange(units):
+        _unit_sums(dy, x, output, grad, has_out, center, c0, c1, np.int64(u), part_s, part_q)
+
+
+@njit(**_PARALLEL)
+def _chw_normalize(x, consts, residual, has_res, relu, out, c0, c1):
+    """Normalize channels [c0, c1) with the constants (hi, lo, scale, shift) of consts."""
     outer, channels, inner = x.shape
-    shift = _shift_of(x)
-    mean = np.empty(channels)
-    m2 = np.empty(channels)
-    rows, pieces, plen, bpc = _geometry(outer, inner)
-    part_s = np.empty(channels * bpc)
-    part_q = np.empty(channels * bpc)
-    for t in prange(channels * bpc):
-        c = t // bpc
-        _chw_block_moments(x, c, t % bpc, rows, pieces, plen, shift[c], part_s, part_q, t)
-    for c in prange(channels):
-        mc, m2c = _chw_merge(part_s, part_q, c * bpc, bpc, rows, pieces, plen, outer, inner)
+    units = _units(c0, c1, outer, inner)[1]
+    xf = x.reshape(x.size)
+    of = out.reshape(out.size)
+    rf = residual.reshape(residual.size)
+    zero = np.zeros(1, x.dtype)[0]
+    for u in prange(units):
+        ca, cb, start, rows, stride, width = _unit_rows(np.int64(u), c0, c1, outer, channels,
+                                                        inner)
+        if inner <= RUN:
+            e = _expand(consts, ca, cb, inner)
+            _norm_rows(xf, of, rf, start, rows, stride, width, has_res, relu, e, zero)
+        else:
+            _norm_rows(xf, of, rf, start, rows, stride, width, has_res, relu,
+                       (consts[0, ca], consts[1, ca], consts[2, ca], consts[3, ca]), zero)
+
+
+@njit(**_PARALLEL)
+def _chw_dx(dy, x, output, has_out, training, consts, out, c0, c1):
+    """dx of channels [c0, c1) with the constants (a, b, c, hi, lo) of consts."""
+    outer, channels, inner = x.shape
+    units = _units(c0, c1, outer, inner)[1]
+    dyf = dy.reshape(dy.size)
+    xf = x.reshape(x.size)
+    of = output.reshape(output.size)
+    dxf = out.reshape(out.size)
+    zero = np.zeros(1, x.dtype)[0]
+    for u in prange(units):
+        ca, cb, start, rows, stride, width = _unit_rows(np.int64(u), c0, c1, outer, channels,
+                                                        inner)
+        if inner <= RUN:
+            e = _expand(consts, ca, cb, inner)
+            _dx_rows(dyf, xf, of, dxf, start, rows, stride, width, has_out, training, e, zero)
+        else:
+            _dx_rows(dyf, xf, of, dxf, start, rows, stride, width, has_out, training,
+                     (consts[0, ca], consts[1, ca], consts[2, ca], consts[3, ca], consts[4, ca]),
+                     zero)
+
+
+@njit(**_JIT)
+def _chw_stats(x, shift, c0, c1, part_s, part_q, mean, m2):
+    """mean and M2 of channels [c0, c1): block partials merged with Chan's formula."""
+    outer, _, inner = x.shape
+    bpc = _geometry(outer, inner)[3]
+    _chw_partials(x, x, x, np.bool_(False), np.bool_(False), shift, c0, c1, part_s, part_q)
+    for c in range(c0, c1):
+        mc, m2c = _chw_merge(part_s, part_q, (c - c0) * bpc, outer, inner)
         mean[c] = shift[c] + mc
         m2[c] = m2c
+
+
+@njit(**_JIT)
+def _chw_moments(x):
+    outer, channels, inner = x.shape
+    size = channels * _geometry(outer, inner)[3]
+    mean = np.empty(channels)
+    m2 = np.empty(channels)
+    _chw_stats(x, _shift_of(x), np.int64(0), channels, np.empty(size), np.empty(size), mean, m2)
     return mean, m2
 
 
-@njit(**_PARALLEL)
+@njit(**_JIT)
 def _chw_train(x, weight, bias, eps, residual, has_res, relu, out):
     outer, channels, inner = x.shape
-    count = np.float64(outer * inner)
     shift = _shift_of(x)
     mean = np.empty(channels)
     m2 = np.empty(channels)
     var = np.empty(channels)
-    hi = np.empty(channels, x.dtype)
-    lo = np.empty(channels, x.dtype)
-    sc = np.empty(channels, x.dtype)
-    sh = np.empty(channels, x.dtype)
-    zero = np.zeros(1, x.dtype)[0]
-    rows, pieces, plen, bpc = _geometry(outer, inner)
+    consts = np.empty((4, channels), x.dtype)
     group = _group_channels(outer, inner, x.itemsize, 1, channels)
-    part_s = np.empty(group * bpc)
-    part_q = np.empty(group * bpc)
+    part_s = np.empty(group * _geometry(outer, inner)[3])
+    part_q = np.empty(part_s.size)
     for c0 in range(0, channels, group):
         c1 = min(channels, c0 + group)
-        for t in prange((c1 - c0) * bpc):
-            c = c0 + t // bpc
-            _chw_block_moments(x, c, t % bpc, rows, pieces, plen, shift[c], part_s, part_q, t)
-        for c in range(c0, c1):
-            mc, m2c = _chw_merge(part_s, part_q, (c - c0) * bpc, bpc, rows, pieces, plen,
-                                 outer, inner)
-            mean[c] = shift[c] + mc
-            m2[c] = m2c
-        _affine_constants(mean, m2, count, weight, bias, eps, var, hi, lo, sc, sh, c0, c1)
-        for t in prange((c1 - c0) * outer):
-            c = c0 + t // outer
-            n = t % outer
-            _norm_seg(x[n, c], out[n, c], residual[n, c], has_res, relu, hi[c], lo[c], sc[c],
-                      sh[c], zero)
+        _chw_stats(x, shift, c0, c1, part_s, part_q, mean, m2)
+        _affine_constants(mean, m2, np.float64(outer * inner), weight, bias, eps, var, consts,
+                          c0, c1)
+        _chw_normalize(x, consts, residual, has_res, relu, out, c0, c1)
     return mean, var
 
 
-@njit(**_PARALLEL)
-def _chw_normalize(x, hi, lo, sc, sh, residual, has_res, relu, out):
-    outer, channels, _ = x.shape
-    zero = np.zeros(1, x.dtype)[0]
-    for t in prange(channels * outer):
-        n = t // channels
-        c = t % channels
-        _norm_seg(x[n, c], out[n, c], residual[n, c], has_res, relu, hi[c], lo[c], sc[c],
-                  sh[c], zero)
-
-
-@njit(**_PARALLEL)
+@njit(**_JIT)
 def _chw_backward(dy, x, mean, invstd, weight, output, has_out, training, out):
     outer, channels, inner = x.shape
-    n = np.float64(outer * inner)
+    bpc = _geometry(outer, inner)[3]
     sum_dy = np.empty(channels)
     sum_dy_xmu = np.empty(channels)
-    a = np.empty(channels, x.dtype)
-    b = np.empty(channels, x.dtype)
-    cc = np.empty(channels, x.dtype)
-    hi = np.empty(channels, x.dtype)
-    lo = np.empty(channels, x.dtype)
-    zero = np.zeros(1, x.dtype)[0]
-    rows, pieces, plen, bpc = _geometry(outer, inner)
+    consts = np.empty((5, channels), x.dtype)
     group = _group_channels(outer, inner, x.itemsize, 3 if has_out else 2, channels)
     part_s = np.empty(group * bpc)
-    part_q = np.empty(group * bpc)
+    part_q = np.empty(part_s.size)
     for c0 in range(0, channels, group):
         c1 = min(channels, c0 + group)
-        for t in prange((c1 - c0) * bpc):
-            c = c0 + t // bpc
-            _chw_block_grad(dy, x, output, has_out, c, t % bpc, rows, pieces, plen, mean[c],
-                            part_s, part_q, t)
+        _chw_partials(dy, x, output, np.bool_(True), has_out, mean, c0, c1, part_s, part_q)
         for c in range(c0, c1):
-            s1 = 0.0
-            s2 = 0.0
             base = (c - c0) * bpc
-            for j in range(bpc):
-                s1 += part_s[base + j]
-                s2 += part_q[base + j]
-            sum_dy[c] = s1
-            sum_dy_xmu[c] = s2
-        _grad_constants(c0, c1, n, mean, invstd, weight, sum_dy, sum_dy_xmu, a, b, cc, hi, lo)
-        for t in prange((c1 - c0) * outer):
-            c = c0 + t // outer
-            i = t % outer
-            _grad_seg(dy[i, c], x[i, c], output[i, c], has_out, out[i, c], a[c], b[c], cc[c],
-                      hi[c], lo[c], training, zero)
+            sum_dy[c] = part_s[base:base + bpc].sum()
+            sum_dy_xmu[c] = part_q[base:base + bpc].sum()
+        _grad_constants(c0, c1, np.float64(outer * inner), mean, invstd, weight, sum_dy,
+                        sum_dy_xmu, consts)
+        _chw_dx(dy, x, output, has_out, training, consts, out, c0, c1)
     return sum_dy, sum_dy_xmu
 
 
@@ -539,7 +571,7 @@ def _chw_backward(dy, x, mean, invstd, weight, output, has_out, training, out):
 def _hwc_moments(x):
     """mean and M2 of every channel of a channels-last (rows, C, 1) view."""
     outer, channels, _ = x.shape
-    x2 = x.reshape((outer, channels))
+    xf = x.reshape(x.size)
     shift = _shift_of(x)
     mean = np.empty(channels)
     m2 = np.empty(channels)
@@ -549,9 +581,8 @@ def _hwc_moments(x):
     part_q = np.zeros((nblocks, channels))
     for b in prange(nblocks):
         r0 = b * rb
-        r1 = min(outer, r0 + rb)
-        _lanes_moments(x2[r0:r1].reshape((r1 - r0) * channels), channels, shift, part_s[b],
-                       part_q[b])
+        _lanes_moments(xf, r0 * channels, min(outer, r0 + rb) - r0, channels, channels, shift,
+                       part_s[b], part_q[b])
     nchunks = (channels + MERGE_CHUNK - 1) // MERGE_CHUNK
     for k in prange(nchunks):
         _hwc_merge_chunk(part_s, part_q, rb, outer, k * MERGE_CHUNK,
@@ -562,37 +593,34 @@ def _hwc_moments(x):
 
 
 @njit(**_PARALLEL)
-def _hwc_normalize(x, hi, lo, sc, sh, residual, has_res, relu, out):
+def _hwc_normalize(x, consts, residual, has_res, relu, out):
     outer, channels, _ = x.shape
-    x2 = x.reshape((outer, channels))
-    o2 = out.reshape((outer, channels))
-    r2 = residual.reshape((outer, channels))
+    xf = x.reshape(x.size)
+    of = out.reshape(out.size)
+    rf = residual.reshape(residual.size)
     zero = np.zeros(1, x.dtype)[0]
     rb = max(1, BLOCK // channels)
     for b in prange((outer + rb - 1) // rb):
-        for r in range(b * rb, min(outer, (b + 1) * rb)):
-            _norm_row(x2[r], o2[r], r2[r], has_res, relu, hi, lo, sc, sh, zero)
+        r0 = b * rb
+        _norm_rows(xf, of, rf, r0 * channels, min(outer, r0 + rb) - r0, channels, channels,
+                   has_res, relu, consts, zero)
 
 
 @njit(**_PARALLEL)
 def _hwc_backward(dy, x, mean, invstd, weight, output, has_out, training, out):
     outer, channels, _ = x.shape
-    shape2 = (outer, channels)
-    x2 = x.reshape(shape2)
-    dy2 = dy.reshape(shape2)
-    o2 = output.reshape(shape2)
-    dx2 = out.reshape(shape2)
-    n = np.float64(outer)
+    dyf = dy.reshape(dy.size)
+    xf = x.reshape(x.size)
+    of = output.reshape(output.size)
+    dxf = out.reshape(out.size)
     rb = max(1, BLOCK_NHWC // channels)
     nblocks = (outer + rb - 1) // rb
     part_s = np.zeros((nblocks, channels))
     part_q = np.zeros((nblocks, channels))
     for blk in prange(nblocks):
         r0 = blk * rb
-        r1 = min(outer, r0 + rb)
-        size = (r1 - r0) * channels
-        _lanes_grad(dy2[r0:r1].reshape(size), x2[r0:r1].reshape(size),
-                    o2[r0:r1].reshape(size), has_out, channels, mean, part_s[blk], part_q[blk])
+        _lanes_grad(dyf, xf, of, has_out, r0 * channels, min(outer, r0 + rb) - r0, channels,
+                    channels, mean, part_s[blk], part_q[blk])
     sum_dy = np.zeros(channels)
     sum_dy_xmu = np.zeros(channels)
     nchunks = (channels + MERGE_CHUNK - 1) // MERGE_CHUNK
@@ -601,17 +629,15 @@ def _hwc_backward(dy, x, mean, invstd, weight, output, has_out, training, out):
             for c in range(k * MERGE_CHUNK, min(channels, (k + 1) * MERGE_CHUNK)):
                 sum_dy[c] += part_s[blk, c]
                 sum_dy_xmu[c] += part_q[blk, c]
-    a = np.empty(channels, x.dtype)
-    b = np.empty(channels, x.dtype)
-    cc = np.empty(channels, x.dtype)
-    hi = np.empty(channels, x.dtype)
-    lo = np.empty(channels, x.dtype)
+    consts = np.empty((5, channels), x.dtype)
     zero = np.zeros(1, x.dtype)[0]
-    _grad_constants(0, channels, n, mean, invstd, weight, sum_dy, sum_dy_xmu, a, b, cc, hi, lo)
+    _grad_constants(0, channels, np.float64(outer), mean, invstd, weight, sum_dy, sum_dy_xmu,
+                    consts)
     rbn = max(1, BLOCK // channels)
     for blk in prange((outer + rbn - 1) // rbn):
-        for r in range(blk * rbn, min(outer, (blk + 1) * rbn)):
-            _grad_row(dy2[r], x2[r], o2[r], has_out, dx2[r], a, b, cc, hi, lo, training, zero)
+        r0 = blk * rbn
+        _dx_rows(dyf, xf, of, dxf, r0 * channels, min(outer, r0 + rbn) - r0, channels, channels,
+                 has_out, training, consts, zero)
     return sum_dy, sum_dy_xmu
 
 
@@ -620,13 +646,9 @@ def _hwc_train(x, weight, bias, eps, residual, has_res, relu, out):
     outer, channels, _ = x.shape
     mean, m2 = _hwc_moments(x)
     var = np.empty(channels)
-    hi = np.empty(channels, x.dtype)
-    lo = np.empty(channels, x.dtype)
-    sc = np.empty(channels, x.dtype)
-    sh = np.empty(channels, x.dtype)
-    _affine_constants(mean, m2, np.float64(outer), weight, bias, eps, var, hi, lo, sc, sh, 0,
-                      channels)
-    _hwc_normalize(x, hi, lo, sc, sh, residual, has_res, relu, out)
+    consts = np.empty((4, channels), x.dtype)
+    _affine_constants(mean, m2, np.float64(outer), weight, bias, eps, var, consts, 0, channels)
+    _hwc_normalize(x, consts, residual, has_res, relu, out)
     return mean, var
 
 
@@ -704,12 +726,16 @@ def normalize(x, mean, scale, shift, residual, relu, out, num_threads=1):
         return
     if _forked_gnu_omp:
         return _reference().normalize(x, mean, scale, shift, residual, relu, out)
-    dtype = x.dtype
-    hi = mean.astype(dtype)
-    lo = (mean - hi).astype(dtype)
-    kernel = _hwc_normalize if x.shape[2] == 1 else _chw_normalize
-    _run(num_threads, kernel, None, x, hi, lo, scale.astype(dtype), shift.astype(dtype),
-         x if residual is None else residual, residual is not None, bool(relu), out)
+    consts = np.empty((4, x.shape[1]), x.dtype)  # hi, lo, scale, shift
+    consts[0] = mean
+    consts[1] = mean - consts[0]
+    consts[2] = scale
+    consts[3] = shift
+    args = (x, consts, x if residual is None else residual, residual is not None, bool(relu), out)
+    if x.shape[2] == 1:
+        _run(num_threads, _hwc_normalize, None, *args)
+    else:
+        _run(num_threads, _chw_normalize, None, *args, 0, x.shape[1])
 
 
 def train_forward(x, weight, bias, eps, residual, relu, out, num_threads=1):

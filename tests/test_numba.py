@@ -17,8 +17,17 @@ if "numba" not in fastbn.available_backends():
 
 import numba  # noqa: E402
 
-# Shapes covering both layouts, several blocks per channel, inner split into pieces and tails.
-SHAPES = [(6, 5, 1), (300, 7, 1), (3, 4, 20000), (40, 3, 77), (2, 3, 4096 * 5 + 3)]
+# Shapes covering both layouts, several blocks per channel, inner split into pieces and tails,
+# short rows shared out in units of several channels (several units and blocks, a partial unit),
+# rows just short (RUN) and just long enough to be cut into lanes.
+SHAPES = [(6, 5, 1), (300, 7, 1), (3, 4, 20000), (40, 3, 77), (2, 3, 4096 * 5 + 3),
+          (700, 45, 49), (5, 3, numba_kernels.RUN), (5, 3, numba_kernels.RUN + 1)]
+
+
+def data(shape, dtype, seed):
+    rng = np.random.default_rng(seed)
+    return ((rng.standard_normal(shape) * 3 + 7).astype(dtype),
+            rng.standard_normal(shape).astype(dtype))
 
 
 def run_all(x, dy, num_threads):
@@ -39,13 +48,42 @@ def run_all(x, dy, num_threads):
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_bitwise_identical_for_any_thread_count(shape, dtype):
-    rng = np.random.default_rng(1)
-    x = (rng.standard_normal(shape) * 3 + 7).astype(dtype)
-    dy = rng.standard_normal(shape).astype(dtype)
+    x, dy = data(shape, dtype, seed=1)
     results = [run_all(x, dy, n) for n in (1, 2, 3)]
     for other in results[1:]:
         for a, b in zip(results[0], other):
             assert np.array_equal(a, b, equal_nan=True)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_matches_the_reference(shape, dtype):
+    from fastbn import _reference as reference
+    x, dy = data(shape, dtype, seed=5)
+    c = shape[1]
+    w, b = np.linspace(0.5, 1.5, c), np.linspace(-1, 1, c)
+    mean, invstd = np.linspace(6, 8, c), np.linspace(0.2, 0.4, c)
+    results = []
+    for module in (numba_kernels, reference):
+        out, dx, ev = np.empty_like(x), np.empty_like(x), np.empty_like(x)
+        stats = module.train_forward(x, w, b, 1e-5, dy, True, out, 2)
+        sums = module.backward(dy, x, mean, invstd, w, dy, True, dx, 2)  # dy > 0 as the ReLU mask
+        module.normalize(x, mean, w * invstd, b, None, True, ev, 2)
+        results.append([*module.moments(x, 2)[1:], *stats, out, *sums, dx, ev])
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    for got, want in zip(*results):
+        np.testing.assert_allclose(got, want, rtol=0, atol=tol * max(1.0, np.abs(want).max()))
+
+
+def test_training_statistics_equal_moments_bitwise():
+    # The blocks depend on the shape only, not on the channel groups that training runs.
+    x = (np.random.default_rng(4).standard_normal((64, 400, 49)) * 3 + 5).astype(np.float32)
+    assert numba_kernels._group_channels(64, 49, x.itemsize, 1, 400) < 400
+    count, mean, m2 = numba_kernels.moments(x, 2)
+    tmean, tvar = numba_kernels.train_forward(x, np.ones(400), np.zeros(400), 1e-5, None, False,
+                                              np.empty_like(x), 2)
+    assert tmean.tobytes() == mean.tobytes()
+    assert tvar.tobytes() == (m2 / count).tobytes()
 
 
 def test_num_threads_is_applied_and_restored():
