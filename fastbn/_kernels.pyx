@@ -918,15 +918,26 @@ cdef void _cf_elementwise(Elementwise* E, floating* tag, Layout L, Py_ssize_t c0
 
 
 cdef void _cl_elementwise(Elementwise* E, floating* tag, Layout L) noexcept nogil:
-    """The element-wise pass, channels-last: each block of whole rows is one contiguous run."""
+    """The element-wise pass, channels-last: each block of whole rows is one contiguous run.
+
+    Wide rows (more than CHANNEL_TILE channels: the per-channel parameters would crowd the data
+    out of L1) go tile by tile: the tile's part of every row of the block, then the next tile."""
     cdef floating* out = <floating*> E.out
-    cdef Py_ssize_t blk, r0, r1
+    cdef Py_ssize_t C = L.channels
+    cdef Py_ssize_t blk, r, r0, r1, t, offset
     for blk in prange(L.nblocks, schedule="static", num_threads=L.threads):
         r0 = blk * L.block_rows
         r1 = min(L.outer, r0 + L.block_rows)
-        if r1 > r0:
-            _eltwise_run(E, out + r0 * L.channels, r0 * L.channels, (r1 - r0) * L.channels, 0,
-                         L.channels, L.stream)
+        if r1 > r0 and C <= CHANNEL_TILE:
+            _eltwise_run(E, out + r0 * C, r0 * C, (r1 - r0) * C, 0, C, L.stream)
+        elif r1 > r0:
+            t = 0
+            while t < C:
+                for r in range(r0, r1):
+                    offset = r * C + t
+                    _eltwise_run(E, out + offset, offset, min(CHANNEL_TILE, C - t), t, C,
+                                 L.stream)
+                t = t + CHANNEL_TILE
         if L.stream:
             fastbn_sfence()
 

@@ -272,10 +272,10 @@ def _misaligned_empty(shape, dtype, shift):
     return raw[start:start + size].reshape(shape)
 
 
-# Channels-last widths around the vector width (8 float32 lanes) and spans around the
-# direct/tile threshold (256), at every output alignment.
+# Channels-last widths around the vector width (8 float32 lanes) and above the channel tile
+# (512), spans around the direct/tile threshold (256), at every output alignment.
 STREAM_CASES = [((37, 1), -1), ((37, 3), -1), ((29, 7), -1), ((23, 8), -1), ((19, 9), -1),
-                ((11, 97), -1), ((3, 4, 7, 7), 1), ((3, 5, 255), 1), ((2, 3, 16, 16), 1),
+                ((11, 97), -1), ((5, 1030), -1), ((3, 4, 7, 7), 1), ((3, 5, 255), 1), ((2, 3, 16, 16), 1),
                 ((2, 3, 301), 1)]
 
 
