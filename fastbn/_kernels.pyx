@@ -148,14 +148,15 @@ cdef extern from *:
        each square), mean error 1e-9 standard deviations. Non-finite sums (NaN or inf in the
        data, squares beyond float32's range) and tiny ones (mean square below 1e-30, where
        squares would lose digits to underflow; constant spans too) redo the span in float64. */
-    typedef float fastbn_v8f_ __attribute__((vector_size(32)));
+    typedef float fastbn_v8f __attribute__((vector_size(32)));
+    typedef int fastbn_v8i __attribute__((vector_size(32)));
     #define FASTBN_FLUSH 8
     #define FASTBN_WIDEN(v) (__builtin_convertvector(__builtin_shufflevector(v, v, 0, 1, 2, 3), fastbn_v4d) \
                              + __builtin_convertvector(__builtin_shufflevector(v, v, 4, 5, 6, 7), fastbn_v4d))
     static void fastbn_span_sums_f32(const float *x, Py_ssize_t n, double shift, double *sum1,
                                      double *sum2) {
-        const fastbn_v8f_ zero = {0};
-        fastbn_v8f_ p = zero, q = zero, r = zero, t = zero, u, w, m8;
+        const fastbn_v8f zero = {0};
+        fastbn_v8f p = zero, q = zero, r = zero, t = zero, u, w, m8;
         fastbn_v4d s1 = {0, 0, 0, 0}, s2 = s1;
         double tail1 = 0.0, tail2 = 0.0, d, total1, total2, delta;
         float m;
@@ -202,11 +203,10 @@ cdef extern from *:
     static void fastbn_span_grad_sums_f32(const float *dy, const float *x, const float *out,
                                           Py_ssize_t n, double mean, double *sum_dy,
                                           double *sum_dy_xmu) {
-        typedef int fastbn_v8i_ __attribute__((vector_size(32)));
-        const fastbn_v8f_ zero = {0};
+        const fastbn_v8f zero = {0};
         const float m = (float)mean;
-        const fastbn_v8f_ m8 = zero + m;
-        fastbn_v8f_ p, q, r, t, g, h, u, w;
+        const fastbn_v8f m8 = zero + m;
+        fastbn_v8f p, q, r, t, g, h, u, w;
         fastbn_v4d s1 = {0, 0, 0, 0}, s2 = s1;
         double tail1 = 0.0, tail2 = 0.0, gd, total1, total2;
         Py_ssize_t i, k, body = n / 16 * 16;
@@ -220,8 +220,8 @@ cdef extern from *:
                 memcpy(&g, dy + i, 32); memcpy(&h, dy + i + 8, 32);
                 if (out) {
                     memcpy(&u, out + i, 32); memcpy(&w, out + i + 8, 32);
-                    g = (fastbn_v8f_)((fastbn_v8i_)g & (u > zero));
-                    h = (fastbn_v8f_)((fastbn_v8i_)h & (w > zero));
+                    g = (fastbn_v8f)((fastbn_v8i)g & (u > zero));
+                    h = (fastbn_v8f)((fastbn_v8i)h & (w > zero));
                 }
                 memcpy(&u, x + i, 32); memcpy(&w, x + i + 8, 32);
                 p += g; q += h; r += g * (u - m8); t += h * (w - m8);
@@ -254,9 +254,6 @@ cdef extern from *:
        (entry k = entry k % period) so that a vector load at c never wraps. Scalar head and tail
        use the same operations in the same order as the vector lanes: every element rounds the
        same way wherever it falls. */
-    typedef float fastbn_v8f __attribute__((vector_size(32)));
-    typedef int fastbn_v8i __attribute__((vector_size(32)));
-
     static inline void fastbn_nt_f32(float *p, fastbn_v8f v) {
     #if defined(__AVX__)
         _mm256_stream_ps(p, (__m256)v);
@@ -298,15 +295,15 @@ cdef extern from *:
         part2[c] += t2;
     }
     /* t[0..1] += the 8 lanes of v, in float64. */
-    static inline void fastbn_widen_add(fastbn_v4d *t, fastbn_v8f_ v) {
+    static inline void fastbn_widen_add(fastbn_v4d *t, fastbn_v8f v) {
         t[0] += __builtin_convertvector(__builtin_shufflevector(v, v, 0, 1, 2, 3), fastbn_v4d);
         t[1] += __builtin_convertvector(__builtin_shufflevector(v, v, 4, 5, 6, 7), fastbn_v4d);
     }
     static inline __attribute__((always_inline)) void fastbn_rows_tile_f32(
             const float *x, Py_ssize_t rows, Py_ssize_t C, Py_ssize_t c0, const int W,
             const double *shift, double *part1, double *part2) {
-        const fastbn_v8f_ zero = {0};
-        fastbn_v8f_ m[4], s[4], q[4], u;
+        const fastbn_v8f zero = {0};
+        fastbn_v8f m[4], s[4], q[4], u;
         fastbn_v4d t1[8], t2[8];
         double delta, sum1, sum2;
         Py_ssize_t r, r1, w, k, c;
@@ -364,9 +361,8 @@ cdef extern from *:
     static inline __attribute__((always_inline)) void fastbn_rows_grad_tile_f32(
             const float *dy, const float *x, const float *out, Py_ssize_t rows, Py_ssize_t C,
             Py_ssize_t c0, const int W, const double *mean, double *part1, double *part2) {
-        typedef int fastbn_v8i_ __attribute__((vector_size(32)));
-        const fastbn_v8f_ zero = {0};
-        fastbn_v8f_ m[4], s[4], q[4], g, u;
+        const fastbn_v8f zero = {0};
+        fastbn_v8f m[4], s[4], q[4], g, u;
         fastbn_v4d t1[8], t2[8];
         double sum1, sum2;
         Py_ssize_t r, r1, w, k, c, i;
@@ -379,7 +375,7 @@ cdef extern from *:
                 for (w = 0; w < W; w++) {
                     i = r * C + c0 + 8 * w;
                     memcpy(&g, dy + i, 32);
-                    if (out) { memcpy(&u, out + i, 32); g = (fastbn_v8f_)((fastbn_v8i_)g & (u > zero)); }
+                    if (out) { memcpy(&u, out + i, 32); g = (fastbn_v8f)((fastbn_v8i)g & (u > zero)); }
                     memcpy(&u, x + i, 32);
                     s[w] += g;
                     q[w] += g * (u - m[w]);
