@@ -316,3 +316,32 @@ def test_streamed_stores_equal_cached_stores(rng, dtype, shape, axis):
     for shift in range(3):
         for got, want in zip(run(0, shift), cached):
             assert got.tobytes() == want.tobytes()
+
+
+@pytest.mark.parametrize("channels", [5, 40, 1030])
+def test_streamed_channels_last_gradient_sums_equal_cached(rng, channels):
+    """Large channels-last float32 backward reads the block in memory order (a different kernel
+    from the cached path's register tiles): the same sums bit for bit, including the channels
+    whose float32 sums fall back to float64 (NaN, a gradient that underflows)."""
+    if "cython" not in fastbn.available_backends():
+        pytest.skip("the cython backend is not built")
+    from fastbn._kernels import _tuning
+    x = (rng.standard_normal((77, channels)) * 3 + 100).astype(np.float32)
+    dy = rng.standard_normal((77, channels)).astype(np.float32)
+    x[:, 1] = np.nan
+    dy[:, 2] = 1e-36
+    mean, invstd = np.full(channels, 100.0), np.ones(channels)
+    weight = rng.standard_normal(channels)
+
+    def run(stream_above):
+        previous = _tuning(STREAM_ABOVE=stream_above)
+        try:
+            return [fastbn.batch_norm_backward(dy, x, mean, invstd, weight, axis=-1,
+                                               output=output, backend="cython")
+                    for output in (None, x)]
+        finally:
+            _tuning(**previous)
+
+    for got, want in zip(run(0), run(1 << 40)):
+        for a, b in zip(got, want):
+            assert a.tobytes() == b.tobytes()
