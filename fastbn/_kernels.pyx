@@ -27,7 +27,7 @@ groups whose data fits in about half the last-level cache; the second pass over 
 (normalize, or dx) then reads from cache instead of DRAM.
 """
 from cython cimport floating
-from cython.parallel cimport prange, threadid
+from cython.parallel cimport prange
 from libc.math cimport sqrt
 from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport memcpy
@@ -567,6 +567,117 @@ cdef extern from *:
             fastbn_store_##SUF(dx + i, v, stream);                                              \
         }                                                                                       \
         fastbn_dx_scalar_##SUF(dy, x, out, dx, end, n, a, hi, lo, b, cc, period, c);            \
+    }                                                                                           \
+    /* Runs across channels (channels-first rows of adjacent channels, seg = values per channel \
+       >= LANES): the parameters change every seg values, so a vector holds one channel or the  \
+       end of one and the start of the next; the latter takes each lane's parameters with a     \
+       blend. The whole run is one loop (7x7 images: no call, no scalar tail per 49 values), and\
+       large outputs are streamed from registers. Each element is computed as in the runs above.\
+       The cursor (c, pos): channel of the next element and its position in that channel. */    \
+    static inline void fastbn_seg_advance_##SUF(Py_ssize_t *c, Py_ssize_t *pos, Py_ssize_t seg) {\
+        if (++*pos == seg) { *pos = 0; ++*c; }                                                  \
+    }                                                                                           \
+    static inline M fastbn_seg_mask_##SUF(Py_ssize_t pos, Py_ssize_t seg) {                     \
+        M iota;                                                                                 \
+        int j;                                                                                  \
+        for (j = 0; j < LANES; j++) iota[j] = j;                                                \
+        return iota >= (M){0} + (__typeof__(iota[0]))(seg - pos); /* next channel's lanes */                  \
+    }                                                                                           \
+    static inline V fastbn_blend_##SUF(V a, V b, M mask) {                                      \
+        return (V)(((M)a & ~mask) | ((M)b & mask));                                             \
+    }                                                                                           \
+    static inline V fastbn_affine_vec_##SUF(const T *x, const T *r, int relu, V H, V L, V S, V U) {\
+        const V zero = {0};                                                                     \
+        V v = ((fastbn_load_##SUF(x) - H) - L) * S + U;                                         \
+        if (r) v = v + fastbn_load_##SUF(r);                                                    \
+        if (relu) v = (V)((M)v & ~(M)(v <= zero));                                              \
+        return v;                                                                               \
+    }                                                                                           \
+    static void fastbn_affine_seg_##SUF(const T *x, T *y, const T *r, int relu, Py_ssize_t n,   \
+                                        const T *hi, const T *lo, const T *s, const T *t,       \
+                                        Py_ssize_t seg, int stream) {                           \
+        const V zero = {0};                                                                     \
+        V v, H, L, S, U, H1, L1, S1, U1;                                                        \
+        M mask;                                                                                 \
+        T e;                                                                                    \
+        Py_ssize_t end, i, head = fastbn_body_##SUF(y, n, stream, &end), c = 0, pos = 0;        \
+        if (seg < LANES) end = head; /* a vector may not span three channels */                 \
+        for (i = 0; i < n; i++) {                                                               \
+            if (i == head && i < end) {                                                         \
+                H = zero + hi[c]; L = zero + lo[c]; S = zero + s[c]; U = zero + t[c];           \
+                for (; i < end; i += LANES) {                                                   \
+                    pos += LANES;                                                               \
+                    if (pos < seg) {                                                            \
+                        v = fastbn_affine_vec_##SUF(x + i, r ? r + i : r, relu, H, L, S, U);    \
+                    } else {                                                                    \
+                        pos -= seg; c++; /* hi[c] exists: the arrays are padded */              \
+                        H1 = zero + hi[c]; L1 = zero + lo[c]; S1 = zero + s[c]; U1 = zero + t[c];\
+                        mask = fastbn_seg_mask_##SUF(pos - LANES + seg, seg);                   \
+                        v = fastbn_affine_vec_##SUF(x + i, r ? r + i : r, relu,                 \
+                                                    fastbn_blend_##SUF(H, H1, mask),            \
+                                                    fastbn_blend_##SUF(L, L1, mask),            \
+                                                    fastbn_blend_##SUF(S, S1, mask),            \
+                                                    fastbn_blend_##SUF(U, U1, mask));           \
+                        H = H1; L = L1; S = S1; U = U1;                                         \
+                    }                                                                           \
+                    fastbn_store_##SUF(y + i, v, stream);                                       \
+                }                                                                               \
+                if (i >= n) break;                                                              \
+            }                                                                                   \
+            e = ((x[i] - hi[c]) - lo[c]) * s[c] + t[c];                                         \
+            if (r) e = e + r[i];                                                                \
+            y[i] = (relu && e <= 0) ? 0 : e;                                                    \
+            fastbn_seg_advance_##SUF(&c, &pos, seg);                                            \
+        }                                                                                       \
+    }                                                                                           \
+    static inline V fastbn_dx_vec_##SUF(const T *dy, const T *x, const T *out, V A, V H, V L, V B,\
+                                        V Q) {                                                  \
+        const V zero = {0};                                                                     \
+        V v = fastbn_load_##SUF(dy) * A;                                                        \
+        if (out) v = (V)((M)v & (M)(fastbn_load_##SUF(out) > zero));                            \
+        if (x) v = v + ((fastbn_load_##SUF(x) - H) - L) * B + Q;                                \
+        return v;                                                                               \
+    }                                                                                           \
+    static void fastbn_dx_seg_##SUF(const T *dy, const T *x, const T *out, T *dx, Py_ssize_t n, \
+                                    const T *a, const T *hi, const T *lo, const T *b, const T *cc,\
+                                    Py_ssize_t seg, int stream) {                               \
+        const V zero = {0};                                                                     \
+        V v, A, H, L, B, Q, A1, H1, L1, B1, Q1;                                                 \
+        M mask;                                                                                 \
+        T e;                                                                                    \
+        Py_ssize_t end, i, head = fastbn_body_##SUF(dx, n, stream, &end), c = 0, pos = 0;       \
+        if (seg < LANES) end = head;                                                            \
+        for (i = 0; i < n; i++) {                                                               \
+            if (i == head && i < end) {                                                         \
+                A = zero + a[c]; H = zero + hi[c]; L = zero + lo[c]; B = zero + b[c];           \
+                Q = zero + cc[c];                                                               \
+                for (; i < end; i += LANES) {                                                   \
+                    pos += LANES;                                                               \
+                    if (pos < seg) {                                                            \
+                        v = fastbn_dx_vec_##SUF(dy + i, x ? x + i : x, out ? out + i : out,     \
+                                                A, H, L, B, Q);                                 \
+                    } else {                                                                    \
+                        pos -= seg; c++;                                                        \
+                        A1 = zero + a[c]; H1 = zero + hi[c]; L1 = zero + lo[c];                 \
+                        B1 = zero + b[c]; Q1 = zero + cc[c];                                    \
+                        mask = fastbn_seg_mask_##SUF(pos - LANES + seg, seg);                   \
+                        v = fastbn_dx_vec_##SUF(dy + i, x ? x + i : x, out ? out + i : out,     \
+                                                fastbn_blend_##SUF(A, A1, mask),                \
+                                                fastbn_blend_##SUF(H, H1, mask),                \
+                                                fastbn_blend_##SUF(L, L1, mask),                \
+                                                fastbn_blend_##SUF(B, B1, mask),                \
+                                                fastbn_blend_##SUF(Q, Q1, mask));               \
+                        A = A1; H = H1; L = L1; B = B1; Q = Q1;                                 \
+                    }                                                                           \
+                    fastbn_store_##SUF(dx + i, v, stream);                                      \
+                }                                                                               \
+                if (i >= n) break;                                                              \
+            }                                                                                   \
+            e = (out && !(out[i] > 0)) ? 0 : dy[i] * a[c];                                      \
+            if (x) e = e + ((x[i] - hi[c]) - lo[c]) * b[c] + cc[c];                             \
+            dx[i] = e;                                                                          \
+            fastbn_seg_advance_##SUF(&c, &pos, seg);                                            \
+        }                                                                                       \
     }
 
     FASTBN_ELEMENTWISE(f32, float, fastbn_v8f, fastbn_v8i, 8)
@@ -597,6 +708,19 @@ cdef extern from *:
                                Py_ssize_t n, const double* hi, const double* lo, const double* s,
                                const double* t, Py_ssize_t period, Py_ssize_t phase,
                                bint stream) noexcept nogil
+    void fastbn_affine_seg_f32(const float* x, float* y, const float* r, bint relu, Py_ssize_t n,
+                               const float* hi, const float* lo, const float* s, const float* t,
+                               Py_ssize_t seg, bint stream) noexcept nogil
+    void fastbn_affine_seg_f64(const double* x, double* y, const double* r, bint relu,
+                               Py_ssize_t n, const double* hi, const double* lo, const double* s,
+                               const double* t, Py_ssize_t seg, bint stream) noexcept nogil
+    void fastbn_dx_seg_f32(const float* dy, const float* x, const float* out, float* dx,
+                           Py_ssize_t n, const float* a, const float* hi, const float* lo,
+                           const float* b, const float* cc, Py_ssize_t seg, bint stream) noexcept nogil
+    void fastbn_dx_seg_f64(const double* dy, const double* x, const double* out, double* dx,
+                           Py_ssize_t n, const double* a, const double* hi, const double* lo,
+                           const double* b, const double* cc, Py_ssize_t seg,
+                           bint stream) noexcept nogil
     void fastbn_dx_run_f32(const float* dy, const float* x, const float* out, float* dx,
                            Py_ssize_t n, const float* a, const float* hi, const float* lo,
                            const float* b, const float* cc, Py_ssize_t period, Py_ssize_t phase,
@@ -617,8 +741,6 @@ cdef Py_ssize_t CHANNEL_TILE = 512       # channels-last float64 data: accumulat
 cdef Py_ssize_t GROUP_BYTES = 4 << 20    # channels-first cache-blocking group size
 cdef Py_ssize_t SERIAL_BELOW = 1 << 15   # elements; smaller calls run on one thread
 cdef Py_ssize_t STREAM_ABOVE = 4 << 20   # output bytes; larger outputs bypass the cache
-DEF TILE = 4096                          # elements computed in L1 before a streamed store (256, 8192: slower)
-DEF DIRECT_SPAN = 256                    # shorter channels-first spans go through the tile
 DEF PARAM_PAD = 8                        # lanes of the widest vector (float32)
 
 
@@ -886,10 +1008,10 @@ cdef void _cl_reduce(Layout L, const double* part1, const double* part2,
 
 
 # Element-wise passes: y = act(((x - hi) - lo) * scale + shift + residual), or
-# dx = g * a + ((x - hi) - lo) * b + c. Large outputs bypass the cache: long contiguous runs are
-# written with non-temporal stores straight from registers; short channels-first spans (small
-# images) are gathered into an L1 tile first, so the streamed stores cover whole cache lines.
-# Each block ends with one fence.
+# dx = g * a + ((x - hi) - lo) * b + c, over contiguous runs: channels-last blocks of rows,
+# channels-first rows of adjacent channels (7x7 images: one run of ~4096 values per image and
+# block, not 83 runs of 49). Large outputs bypass the cache: non-temporal stores straight from
+# registers. Each block ends with one fence.
 
 cdef struct Elementwise:
     void* x
@@ -905,9 +1027,11 @@ cdef struct Elementwise:
 
 
 cdef inline void _eltwise_run(Elementwise* E, floating* dst, Py_ssize_t src, Py_ssize_t n,
-                              Py_ssize_t c, Py_ssize_t period, bint stream) noexcept nogil:
-    """n values starting at element `src`, written to dst; the first is of channel c. Channels-
-    first (period 1): one channel's span; channels-last (period C): rows, parameters repeat."""
+                              Py_ssize_t c, Py_ssize_t period, Py_ssize_t seg,
+                              bint stream) noexcept nogil:
+    """n values starting at element `src`, written to dst; the first is of channel c.
+    Channels-last (seg 0): rows, the parameters repeat every `period` channels. Channels-first
+    (period 0): channels c, c + 1, ... of `seg` values each."""
     cdef floating* x = <floating*> E.x
     cdef floating* extra = <floating*> E.residual
     cdef floating* hi = <floating*> E.hi
@@ -915,43 +1039,42 @@ cdef inline void _eltwise_run(Elementwise* E, floating* dst, Py_ssize_t src, Py_
     cdef floating* p = <floating*> E.p
     cdef floating* q = <floating*> E.q
     cdef floating* r = <floating*> E.r
-    if period == 1:
+    cdef floating* dy = <floating*> E.dy
+    x = NULL if x == NULL else x + src
+    extra = NULL if extra == NULL else extra + src
+    if seg > 0:
         hi, lo, p, q = hi + c, lo + c, p + c, q + c
-        if r != NULL:
-            r = r + c
-        c = 0
-    if E.dy == NULL:
+        r = NULL if r == NULL else r + c
+    if dy == NULL and seg > 0:
         if floating is float:
-            fastbn_affine_run_f32(x + src, dst, NULL if extra == NULL else extra + src, E.relu,
-                                  n, hi, lo, p, q, period, c, stream)
+            fastbn_affine_seg_f32(x, dst, extra, E.relu, n, hi, lo, p, q, seg, stream)
         else:
-            fastbn_affine_run_f64(x + src, dst, NULL if extra == NULL else extra + src, E.relu,
-                                  n, hi, lo, p, q, period, c, stream)
+            fastbn_affine_seg_f64(x, dst, extra, E.relu, n, hi, lo, p, q, seg, stream)
+    elif dy == NULL:
+        if floating is float:
+            fastbn_affine_run_f32(x, dst, extra, E.relu, n, hi, lo, p, q, period, c, stream)
+        else:
+            fastbn_affine_run_f64(x, dst, extra, E.relu, n, hi, lo, p, q, period, c, stream)
+    elif seg > 0:
+        if floating is float:
+            fastbn_dx_seg_f32(dy + src, x, extra, dst, n, p, hi, lo, q, r, seg, stream)
+        else:
+            fastbn_dx_seg_f64(dy + src, x, extra, dst, n, p, hi, lo, q, r, seg, stream)
     else:
         if floating is float:
-            fastbn_dx_run_f32(<floating*> E.dy + src, NULL if x == NULL else x + src,
-                              NULL if extra == NULL else extra + src, dst, n, p, hi, lo, q, r,
-                              period, c, stream)
+            fastbn_dx_run_f32(dy + src, x, extra, dst, n, p, hi, lo, q, r, period, c, stream)
         else:
-            fastbn_dx_run_f64(<floating*> E.dy + src, NULL if x == NULL else x + src,
-                              NULL if extra == NULL else extra + src, dst, n, p, hi, lo, q, r,
-                              period, c, stream)
+            fastbn_dx_run_f64(dy + src, x, extra, dst, n, p, hi, lo, q, r, period, c, stream)
 
 
 cdef void _cf_elementwise(Elementwise* E, floating* tag, Layout L, Py_ssize_t c0,
                           Py_ssize_t c1) noexcept nogil:
-    """The element-wise pass over channels [c0, c1), channels-first, block by block."""
+    """The element-wise pass over channels [c0, c1), channels-first, block by block: one run
+    per row n across the block's channels (whole rows of adjacent channels are contiguous), or
+    one run per segment of a long row."""
     cdef floating* out = <floating*> E.out
-    cdef floating* tiles = NULL
-    cdef floating* tile
-    cdef Py_ssize_t blk, unit, n, c, ca, ce, r0, r1, start, length, offset, fill, tile_start
-    cdef bint direct = not L.stream or L.seglen >= DIRECT_SPAN
-    if not direct:
-        tiles = <floating*> malloc(L.threads * TILE * sizeof(floating))
-        if tiles == NULL:
-            direct = True  # no memory for the tiles: direct stores are correct too
+    cdef Py_ssize_t blk, unit, n, c, ca, ce, r0, r1, start, length, offset
     for blk in prange(L.cf_blocks, schedule="static", num_threads=L.threads):
-        tile = tiles + threadid() * TILE
         unit = blk // L.chan_blocks
         ca = c0 + (blk % L.chan_blocks) * L.chan_chunk
         ce = min(c1, ca + L.chan_chunk)
@@ -959,26 +1082,19 @@ cdef void _cf_elementwise(Elementwise* E, floating* tag, Layout L, Py_ssize_t c0
         r1 = min(L.outer, r0 + L.chunk_rows)
         start = (unit % L.nseg) * L.seglen
         length = min(L.seglen, L.inner - start)
-        fill = 0
-        tile_start = 0
+        if ce <= ca:
+            r1 = r0  # a block past the last channel of a smaller last group: nothing to do
         for n in range(r0, r1):
-            for c in range(ca, ce):
-                offset = (n * L.channels + c) * L.inner + start
-                if direct:
-                    _eltwise_run(E, out + offset, offset, length, c, 1, L.stream)
-                    continue
-                if fill > 0 and (fill + length > TILE or offset != tile_start + fill):
-                    fastbn_stream(out + tile_start, tile, fill * sizeof(floating))
-                    fill = 0
-                if fill == 0:
-                    tile_start = offset
-                _eltwise_run(E, tile + fill, offset, length, c, 1, False)
-                fill = fill + length
-        if fill > 0:
-            fastbn_stream(out + tile_start, tile, fill * sizeof(floating))
+            if L.nseg == 1:
+                offset = (n * L.channels + ca) * L.inner
+                _eltwise_run(E, out + offset, offset, (ce - ca) * L.inner, ca, 0, L.inner,
+                             L.stream)
+            else:
+                for c in range(ca, ce):
+                    offset = (n * L.channels + c) * L.inner + start
+                    _eltwise_run(E, out + offset, offset, length, c, 0, length, L.stream)
         if L.stream:
             fastbn_sfence()
-    free(tiles)
 
 
 cdef void _cl_elementwise(Elementwise* E, floating* tag, Layout L) noexcept nogil:
@@ -993,7 +1109,7 @@ cdef void _cl_elementwise(Elementwise* E, floating* tag, Layout L) noexcept nogi
         r0 = blk * L.block_rows
         r1 = min(L.outer, r0 + L.block_rows)
         if r1 > r0:
-            _eltwise_run(E, out + r0 * C, r0 * C, (r1 - r0) * C, 0, C, L.stream)
+            _eltwise_run(E, out + r0 * C, r0 * C, (r1 - r0) * C, 0, C, 0, L.stream)
         if L.stream:
             fastbn_sfence()
 

@@ -276,7 +276,7 @@ def _misaligned_empty(shape, dtype, shift):
 # (512), spans around the direct/tile threshold (256), at every output alignment.
 STREAM_CASES = [((37, 1), -1), ((37, 3), -1), ((29, 7), -1), ((23, 8), -1), ((19, 9), -1),
                 ((11, 97), -1), ((5, 1030), -1), ((3, 4, 7, 7), 1), ((3, 5, 255), 1), ((2, 3, 16, 16), 1),
-                ((2, 3, 301), 1)]
+                ((2, 3, 301), 1), ((4, 6, 8), 1), ((4, 6, 9), 1), ((2, 7, 3, 5), 1)]
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -345,3 +345,36 @@ def test_streamed_channels_last_gradient_sums_equal_cached(rng, channels):
     for got, want in zip(run(0), run(1 << 40)):
         for a, b in zip(got, want):
             assert a.tobytes() == b.tobytes()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(6, 37, 7, 7), (5, 11, 300), (3, 9, 9)])
+def test_channel_groups_and_blocks_match_the_reference(rng, dtype, shape):
+    """Large channels-first tensors run channel group by channel group, each split into blocks
+    of rows and channels; tiny tuning constants make a small tensor do the same, with a last
+    group smaller than the others (blocks past its end) and runs across channels."""
+    if "cython" not in fastbn.available_backends():
+        pytest.skip("the cython backend is not built")
+    from fastbn._kernels import _tuning
+    x = (rng.standard_normal(shape) * 2 + 5).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    channels = shape[1]
+    weight, bias = rng.standard_normal(channels), rng.standard_normal(channels)
+
+    def run(backend):
+        y, mean, invstd = fastbn.batch_norm(x, None, None, weight, bias, True, axis=1,
+                                            activation="relu", return_stats=True, backend=backend)
+        grads = fastbn.batch_norm_backward(dy, x, mean, invstd, weight, axis=1, output=y,
+                                           activation="relu", backend=backend)
+        return (y, mean, invstd) + tuple(grads)
+
+    want = run("numpy")
+    for group_bytes, segment in [(1024, 64), (3000, 100), (6000, 100), (50000, 4096)]:
+        previous = _tuning(GROUP_BYTES=group_bytes, SEGMENT=segment, SERIAL_BELOW=0,
+                           STREAM_ABOVE=0)
+        try:
+            got = run("cython")
+        finally:
+            _tuning(**previous)
+        for a, b in zip(got, want):
+            assert_close(a, b, dtype)
