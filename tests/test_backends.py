@@ -378,3 +378,49 @@ def test_channel_groups_and_blocks_match_the_reference(rng, dtype, shape):
             _tuning(**previous)
         for a, b in zip(got, want):
             assert_close(a, b, dtype)
+
+
+def _page_offset_empty(shape, dtype, offset):
+    """A C-contiguous array whose data starts `offset` bytes past a 4 KB boundary."""
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    raw = np.empty(nbytes + 8192, np.uint8)
+    start = (-raw.ctypes.data % 4096) + offset
+    return raw[start:start + nbytes].view(dtype).reshape(shape)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape,axis", [((3, 40, 7, 7), 1), ((2, 3, 1500), 1), ((2, 3, 5000), 1),
+                                        ((300, 20), -1), ((9, 2100), -1)])
+def test_streamed_output_that_aliases_an_input(rng, dtype, shape, axis):
+    """An output a few bytes past an input modulo 4 KB goes through an L1 tile instead of
+    streaming from registers (a stall otherwise): the same bits as cached stores."""
+    if "cython" not in fastbn.available_backends():
+        pytest.skip("the cython backend is not built")
+    from fastbn._kernels import _tuning
+    x = _page_offset_empty(shape, dtype, 0)
+    x[...] = rng.standard_normal(shape) + 3
+    residual = _page_offset_empty(shape, dtype, 64)
+    residual[...] = rng.standard_normal(shape)
+    dy = _page_offset_empty(shape, dtype, 2048)
+    dy[...] = rng.standard_normal(shape)
+    channels = shape[axis]
+    weight, bias = rng.standard_normal(channels), rng.standard_normal(channels)
+
+    def run(stream_above, out_offset):
+        y = _page_offset_empty(shape, dtype, out_offset)
+        dx = _page_offset_empty(shape, dtype, 2048 + out_offset)
+        previous = _tuning(STREAM_ABOVE=stream_above)
+        try:
+            _, mean, invstd = fastbn.batch_norm(x, None, None, weight, bias, True, axis=axis,
+                                                residual=residual, activation="relu", out=y,
+                                                return_stats=True, backend="cython")
+            fastbn.batch_norm_backward(dy, x, mean, invstd, weight, axis=axis, output=y,
+                                       activation="relu", out=dx, backend="cython")
+        finally:
+            _tuning(**previous)
+        return y, dx
+
+    cached = run(1 << 40, 16)
+    for out_offset in (4 * np.dtype(dtype).itemsize, 16, 96, 1024):
+        for got, want in zip(run(0, out_offset), cached):
+            assert got.tobytes() == want.tobytes()
