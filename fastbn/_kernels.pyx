@@ -358,14 +358,34 @@ cdef extern from *:
         part1[c] += t1;
         part2[c] += t2;
     }
+    /* Channels [c0, c0 + n) of a block: the float64 sums t1, t2 (float32 lanes m) into
+       part1, part2, or the block's channel again in float64 when they are not finite or tiny. */
+    static inline void fastbn_rows_grad_finish_f32(const float *dy, const float *x,
+            const float *out, Py_ssize_t rows, Py_ssize_t C, Py_ssize_t c0, Py_ssize_t n,
+            const fastbn_v8f *m, const fastbn_v4d *t1, const fastbn_v4d *t2, const double *mean,
+            double *part1, double *part2) {
+        double sum1, sum2;
+        Py_ssize_t k, c;
+        for (k = 0; k < n; k++) {
+            c = c0 + k;
+            sum1 = t1[k / 4][k % 4];
+            sum2 = t2[k / 4][k % 4];
+            if (!__builtin_isfinite(sum1) || !__builtin_isfinite(sum2)
+                    || __builtin_fabs(sum2) < rows * 1e-30) {
+                fastbn_rows_grad_wide_f32(dy, x, out, rows, C, c, mean, part1, part2);
+                continue;
+            }
+            part1[c] += sum1;
+            part2[c] += sum2 + ((double)m[k / 8][k % 8] - mean[c]) * sum1;
+        }
+    }
     static inline __attribute__((always_inline)) void fastbn_rows_grad_tile_f32(
             const float *dy, const float *x, const float *out, Py_ssize_t rows, Py_ssize_t C,
             Py_ssize_t c0, const int W, const double *mean, double *part1, double *part2) {
         const fastbn_v8f zero = {0};
         fastbn_v8f m[4], s[4], q[4], g, u;
         fastbn_v4d t1[8], t2[8];
-        double sum1, sum2;
-        Py_ssize_t r, r1, w, k, c, i;
+        Py_ssize_t r, r1, w, k, i;
         for (k = 0; k < 8 * W; k++) m[k / 8][k % 8] = (float)mean[c0 + k];
         for (k = 0; k < 2 * W; k++) t1[k] = t2[k] = (fastbn_v4d){0, 0, 0, 0};
         for (r = 0; r < rows; r = r1) {
@@ -385,18 +405,7 @@ cdef extern from *:
                 fastbn_widen_add(t2 + 2 * w, q[w]);
             }
         }
-        for (k = 0; k < 8 * W; k++) {
-            c = c0 + k;
-            sum1 = t1[k / 4][k % 4];
-            sum2 = t2[k / 4][k % 4];
-            if (!__builtin_isfinite(sum1) || !__builtin_isfinite(sum2)
-                    || __builtin_fabs(sum2) < rows * 1e-30) {
-                fastbn_rows_grad_wide_f32(dy, x, out, rows, C, c, mean, part1, part2);
-                continue;
-            }
-            part1[c] += sum1;
-            part2[c] += sum2 + ((double)m[k / 8][k % 8] - mean[c]) * sum1;
-        }
+        fastbn_rows_grad_finish_f32(dy, x, out, rows, C, c0, 8 * W, m, t1, t2, mean, part1, part2);
     }
     static void fastbn_rows_grad_f32(const float *dy, const float *x, const float *out,
                                      Py_ssize_t rows, Py_ssize_t C, const double *mean,
@@ -434,7 +443,6 @@ cdef extern from *:
         const fastbn_v8f zero = {0};
         fastbn_v8f m[FASTBN_COLS / 8], s[FASTBN_COLS / 8], q[FASTBN_COLS / 8], g, u;
         fastbn_v4d t1[FASTBN_COLS / 4], t2[FASTBN_COLS / 4];
-        double sum1, sum2;
         Py_ssize_t c0, w, k, c, r, r1, o, body = C / 8 * 8;
         for (c0 = 0; c0 < body && rows > 0; c0 += FASTBN_COLS) {
             w = (body - c0 < FASTBN_COLS ? body - c0 : FASTBN_COLS) / 8;
@@ -461,18 +469,8 @@ cdef extern from *:
                     fastbn_widen_add(t2 + 2 * k, q[k]);
                 }
             }
-            for (k = 0; k < 8 * w; k++) {  /* as fastbn_rows_grad_tile_f32, bit for bit */
-                c = c0 + k;
-                sum1 = t1[k / 4][k % 4];
-                sum2 = t2[k / 4][k % 4];
-                if (!__builtin_isfinite(sum1) || !__builtin_isfinite(sum2)
-                        || __builtin_fabs(sum2) < rows * 1e-30) {
-                    fastbn_rows_grad_wide_f32(dy, x, out, rows, C, c, mean, part1, part2);
-                    continue;
-                }
-                part1[c] += sum1;
-                part2[c] += sum2 + ((double)m[k / 8][k % 8] - mean[c]) * sum1;
-            }
+            fastbn_rows_grad_finish_f32(dy, x, out, rows, C, c0, 8 * w, m, t1, t2, mean, part1,
+                                        part2);
         }
         for (c = body; c < C; c++)
             fastbn_rows_grad_wide_f32(dy, x, out, rows, C, c, mean, part1, part2);

@@ -272,6 +272,26 @@ def _misaligned_empty(shape, dtype, shift):
     return raw[start:start + size].reshape(shape)
 
 
+def _cython_train_and_backward(x, residual, dy, weight, bias, axis, y, dx, stream_above,
+                               frozen=False):
+    """Training forward (residual, ReLU) into y and its backward into dx with the Cython
+    backend, streaming outputs larger than `stream_above` bytes; also the frozen backward."""
+    from fastbn._kernels import _tuning
+    previous = _tuning(STREAM_ABOVE=stream_above)
+    try:
+        _, mean, invstd = fastbn.batch_norm(x, None, None, weight, bias, True, axis=axis,
+                                            residual=residual, activation="relu", out=y,
+                                            return_stats=True, backend="cython")
+        fastbn.batch_norm_backward(dy, x, mean, invstd, weight, axis=axis, output=y,
+                                   activation="relu", out=dx, backend="cython")
+        if not frozen:
+            return y, dx
+        return y, dx, fastbn.batch_norm_backward(dy, x, mean, invstd, weight, axis=axis,
+                                                 training=False, backend="cython")[0]
+    finally:
+        _tuning(**previous)
+
+
 # Channels-last widths around the vector width (8 float32 lanes) and above the channel tile
 # (512), spans around the direct/tile threshold (256), at every output alignment.
 STREAM_CASES = [((37, 1), -1), ((37, 3), -1), ((29, 7), -1), ((23, 8), -1), ((19, 9), -1),
@@ -296,18 +316,8 @@ def test_streamed_stores_equal_cached_stores(rng, dtype, shape, axis):
     def run(stream_above, shift):
         y = _misaligned_empty(shape, dtype, shift)
         dx = _misaligned_empty(shape, dtype, shift)
-        previous = _tuning(STREAM_ABOVE=stream_above)
-        try:
-            _, mean, invstd = fastbn.batch_norm(x, None, None, weight, bias, True, axis=axis,
-                                                residual=residual, activation="relu", out=y,
-                                                return_stats=True, backend="cython")
-            fastbn.batch_norm_backward(dy, x, mean, invstd, weight, axis=axis, output=y,
-                                       activation="relu", out=dx, backend="cython")
-            frozen = fastbn.batch_norm_backward(dy, x, mean, invstd, weight, axis=axis,
-                                                training=False, backend="cython")[0]
-        finally:
-            _tuning(**previous)
-        return y, dx, frozen
+        return _cython_train_and_backward(x, residual, dy, weight, bias, axis, y, dx,
+                                          stream_above, frozen=True)
 
     cached = run(1 << 40, 0)
     y_ref = fastbn.batch_norm(x, None, None, weight, bias, True, axis=axis, residual=residual,
@@ -409,16 +419,8 @@ def test_streamed_output_that_aliases_an_input(rng, dtype, shape, axis):
     def run(stream_above, out_offset):
         y = _page_offset_empty(shape, dtype, out_offset)
         dx = _page_offset_empty(shape, dtype, 2048 + out_offset)
-        previous = _tuning(STREAM_ABOVE=stream_above)
-        try:
-            _, mean, invstd = fastbn.batch_norm(x, None, None, weight, bias, True, axis=axis,
-                                                residual=residual, activation="relu", out=y,
-                                                return_stats=True, backend="cython")
-            fastbn.batch_norm_backward(dy, x, mean, invstd, weight, axis=axis, output=y,
-                                       activation="relu", out=dx, backend="cython")
-        finally:
-            _tuning(**previous)
-        return y, dx
+        return _cython_train_and_backward(x, residual, dy, weight, bias, axis, y, dx,
+                                          stream_above)
 
     cached = run(1 << 40, 16)
     for out_offset in (4 * np.dtype(dtype).itemsize, 16, 96, 1024):
