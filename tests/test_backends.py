@@ -39,10 +39,12 @@ def test_forward_matches_reference(backend, rng, dtype, axis, ndim, training, fu
     assert_close(actual[0], expected[0], dtype)
     for a, e in zip(actual[1:], expected[1:]):
         np.testing.assert_allclose(a, e, rtol=1e-9 if dtype == np.float64 else 1e-6)
-    # float32 data: statistics from float32 partials over short runs, merged in float64
-    # (measured: 1e-9 relative); float64 data: float64 throughout.
+    # float32 data: statistics from float32 partials over short runs, merged in float64 (a
+    # mean within ~1e-9 standard deviations, here ~1: a running mean near zero gets an absolute
+    # bound); float64 data: float64 throughout.
     stat_tol = 1e-9 if dtype == np.float64 else 1e-7
-    np.testing.assert_allclose(rm, rm_ref, rtol=stat_tol, atol=1e-12)
+    np.testing.assert_allclose(rm, rm_ref, rtol=stat_tol,
+                               atol=1e-12 if dtype == np.float64 else 1e-8)
     np.testing.assert_allclose(rv, rv_ref, rtol=stat_tol, atol=1e-12)
 
 
