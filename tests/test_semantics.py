@@ -176,3 +176,74 @@ def test_float32_gradient_sums_accuracy(backend, rng, axis):
             exact_b, scale_b = gd.sum(1), np.abs(gd).sum(1)
             assert np.all(np.abs(grad_weight - exact_w) <= 1e-6 * scale_w), (name, dy_scale)
             assert np.all(np.abs(grad_bias - exact_b) <= 1e-6 * scale_b), (name, dy_scale)
+
+
+# ----------------------------------------------------------------------------- the layer
+
+def same_bits(actual, expected):
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape
+    assert actual.tobytes() == expected.tobytes()
+
+
+@pytest.mark.parametrize("mode", ["train", "cumulative", "eval", "eval_strided", "frozen",
+                                  "no_running_stats", "no_running_stats_eval"])
+@pytest.mark.parametrize("dtype,param_dtype", [(np.float32, np.float32),
+                                               (np.float64, np.float64),
+                                               (np.float64, np.float16)])
+@pytest.mark.parametrize("axis,activation", [(1, None), (-1, "relu")])
+def test_layer_equals_functional_api_bitwise(backend, rng, mode, dtype, param_dtype, axis,
+                                             activation):
+    """BatchNorm's output, running statistics and gradients are bitwise what the functional
+    API gives (whichever of its code paths the layer takes), also when the running
+    statistics and eps change between a forward and its backward."""
+    C, eps = 5, 1e-3
+    shape = (6, C, 4) if axis == 1 else (6, 4, C)
+    bn = fastbn.BatchNorm(C, eps, None if mode == "cumulative" else 0.3, axis=axis,
+                          dtype=param_dtype, activation=activation, backend=backend,
+                          track_running_stats=not mode.startswith("no_running_stats"))
+    bn.weight[:] = rng.uniform(0.5, 1.5, C)
+    bn.bias[:] = rng.standard_normal(C)
+    if bn.track_running_stats:
+        bn.running_mean[:] = rng.standard_normal(C)
+        bn.running_var[:] = rng.uniform(0.5, 2.0, C)
+    if mode.endswith("eval") or mode == "eval_strided":
+        bn.eval()
+    if mode == "frozen":
+        bn.freeze()
+    batch_stats = mode in ("train", "cumulative") or mode.startswith("no_running_stats")
+    for step in range(3):
+        x = (rng.standard_normal(shape) * 2 + 1).astype(dtype)
+        if mode == "eval_strided":
+            x = np.repeat(x, 2, axis=0)[::2]                      # not C-contiguous
+        residual = rng.standard_normal(shape).astype(dtype) if step == 1 else None
+        dy = rng.standard_normal(shape).astype(dtype)
+        rm = None if bn.running_mean is None else bn.running_mean.copy()
+        rv = None if bn.running_var is None else bn.running_var.copy()
+        common = dict(axis=axis, activation=activation, backend=backend)
+        if batch_stats:
+            factor = 1.0 / (step + 1) if mode == "cumulative" else 0.3
+            y, mean, invstd = fastbn.batch_norm(x, rm, rv, bn.weight, bn.bias, True, factor, eps,
+                                                residual=residual, return_stats=True, **common)
+        else:
+            y = fastbn.batch_norm(x, rm, rv, bn.weight, bn.bias, False, eps=eps,
+                                  residual=residual, **common)
+            mean, invstd = rm.astype(np.float64), 1.0 / np.sqrt(rv.astype(np.float64) + eps)
+        dx, gw, gb = fastbn.batch_norm_backward(dy, x, mean, invstd, bn.weight,
+                                                training=batch_stats,
+                                                output=y if activation else None, **common)
+        grads = (bn.grad_weight, bn.grad_bias)
+        grads = [None if g is None else g.copy() for g in grads]
+
+        same_bits(bn(x, residual), y)
+        if bn.track_running_stats:
+            same_bits(bn.running_mean, rm)
+            same_bits(bn.running_var, rv)
+            assert bn.num_batches_tracked == (step + 1 if batch_stats else 0)
+            bn.running_mean += 1.0                     # the forward's statistics are kept
+            bn.running_var *= 2.0
+        bn.eps = 0.5
+        same_bits(bn.backward(dy), dx)
+        bn.eps = eps
+        for grad, before, new in zip((bn.grad_weight, bn.grad_bias), grads, (gw, gb)):
+            new = (0.0 + new.astype(np.float64)).astype(param_dtype)
+            same_bits(grad, new if before is None else before + new)
