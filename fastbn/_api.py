@@ -269,6 +269,32 @@ def batch_norm(input: ArrayLike, running_mean: NDArray | None, running_var: NDAr
                 return y
     module = get_backend(backend)
     x, result_dtype, compute_dtype, axis, dims = _prepare_input(input, axis)
+    y, mean, var = _batch_norm_prepared(module, x, result_dtype, compute_dtype, dims,
+                                        running_mean, running_var, weight, bias, training,
+                                        momentum, eps, out, activation, residual)
+    if return_stats:
+        # In evaluation `mean` may be the caller's running_mean itself: return a copy. The
+        # call above accepted eps, so float(eps) is the value it normalized with.
+        return y, (mean if training else mean.copy()), _invstd(var, float(eps))
+    return y
+
+
+def _invstd(var: np.ndarray, eps: float) -> np.ndarray:
+    """The ``invstd`` that :func:`batch_norm` returns and :func:`batch_norm_backward` takes."""
+    return 1.0 / np.sqrt(var + eps)
+
+
+def _batch_norm_prepared(module, x: np.ndarray, result_dtype: np.dtype, compute_dtype: np.dtype,
+                         dims: tuple[int, int, int], running_mean, running_var, weight, bias,
+                         training, momentum, eps, out, activation, residual
+                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`batch_norm`'s general path after the backend and the input are checked
+    (`x` and `dims` from :func:`_prepare_input`): check the other arguments, normalize.
+
+    Returns ``(y, mean, var)``: in training the batch mean and biased variance (new arrays),
+    otherwise the running statistics as float64 vectors (the caller's own arrays when they
+    already are). Shared with the layer, which has checked its input already.
+    """
     channels = dims[1]
     count = dims[0] * dims[2]
     relu = _check_activation(activation)
@@ -311,11 +337,7 @@ def batch_norm(input: ArrayLike, running_mean: NDArray | None, running_var: NDAr
         mean, var = stats
         module.normalize(x3, mean, weight / np.sqrt(var + eps), bias, residual3, relu,
                          target.target, num_threads)
-    y = target.result(x.shape, result_dtype)
-    if return_stats:
-        # In evaluation `mean` may be the caller's running_mean itself: return a copy.
-        return y, (mean if training else mean.copy()), 1.0 / np.sqrt(var + eps)
-    return y
+    return target.result(x.shape, result_dtype), mean, var
 
 
 def batch_norm_backward(grad_output: ArrayLike, input: ArrayLike, mean: ArrayLike,
