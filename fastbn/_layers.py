@@ -1,9 +1,9 @@
 """The BatchNorm layer: PyTorch's ``nn.BatchNorm1d/2d/3d`` for NumPy arrays, on the fast kernels.
 
-Built on the functional API (:func:`fastbn.batch_norm` with ``return_stats=True`` and
-:func:`fastbn.batch_norm_backward`), plus what layers need on top: a manual backward with
-accumulated parameter gradients, a frozen mode, ghost batch norm, exact population statistics
-(precise BN), and PyTorch / Keras weight interchange.
+Built on the functional API (the code paths of :func:`fastbn.batch_norm`, its C fast path
+included, and :func:`fastbn.batch_norm_backward`), plus what layers need on top: a manual
+backward with accumulated parameter gradients, a frozen mode, ghost batch norm, exact
+population statistics (precise BN), and PyTorch / Keras weight interchange.
 """
 from __future__ import annotations
 
@@ -14,10 +14,12 @@ from typing import Any, NamedTuple
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from ._api import (Activation, _as_data, _channel_vector, _check_activation, _check_real,
-                   _prepare_input, _update_running_stats, batch_norm, batch_norm_backward)
+from ._api import (Activation, _as_data, _batch_norm_prepared, _channel_vector,
+                   _check_activation, _check_real, _fast_path, _invstd, _prepare_input,
+                   _update_running_stats, _view3, batch_norm_backward)
 from ._backends import get_backend
 from ._inference import Moments, moments
+from ._threads import get_num_threads
 
 __all__ = ["BatchNorm"]
 
@@ -34,7 +36,9 @@ class _Cache(NamedTuple):
 
     input: np.ndarray
     output: np.ndarray | None          # only with activation='relu'
-    pieces: list                       # [(batch slice, mean, invstd)], several for ghost BN
+    pieces: list                       # [(batch slice, mean, var)], several for ghost BN
+    eps: float                         # backward computes invstd = 1 / sqrt(var + eps) (not
+                                       # forward: most forward calls have no backward)
     batch_stats: bool                  # the statistics were the batch's (gradient flows)
     result_dtype: np.dtype
 
@@ -255,37 +259,64 @@ class BatchNorm:
         array([[0. , 1.5],
                [1.5, 0. ]])
         """
-        x, result_dtype, _, axis, dims = _prepare_input(input, self.axis)
+        batch_stats = (self.training and not self.frozen) or not self.track_running_stats
+        if not batch_stats and residual is None:
+            y = self._constant_stats_fast_forward(input)
+            if y is not None:
+                return y
+        x, result_dtype, compute_dtype, axis, dims = _prepare_input(input, self.axis)
         if dims[1] != self.num_features:
             raise ValueError(f"input has {dims[1]} channels along axis {self.axis} (shape "
                              f"{x.shape}), expected num_features={self.num_features}")
-        batch_stats = (self.training and not self.frozen) or not self.track_running_stats
         update = self.training and not self.frozen and self.track_running_stats
         factor = self._momentum_factor() if update else 0.0
-        common = dict(eps=self.eps, axis=axis, activation=self.activation, backend=self.backend)
         groups = self._ghost_bounds(x, axis) if batch_stats and self.training else None
         if groups is None:
-            if batch_stats:
-                y, mean, invstd = batch_norm(
-                    x, self.running_mean if update else None,
-                    self.running_var if update else None, self.weight, self.bias, True,
-                    factor, residual=residual, return_stats=True, **common)
-            else:
-                # Constant statistics (eval or frozen): without return_stats the call can take
-                # the backend's C fast path; backward's constants come from the running stats.
-                y = batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
-                               False, factor, residual=residual, **common)
-                mean = self.running_mean.astype(np.float64)
-                invstd = 1.0 / np.sqrt(self.running_var.astype(np.float64) + self.eps)
-            pieces = [(slice(None), mean, invstd)]
+            # The functional API's general path minus the input checks done just above.
+            with_stats = update or not batch_stats
+            y, mean, var = _batch_norm_prepared(
+                get_backend(self.backend), x, result_dtype, compute_dtype, dims,
+                self.running_mean if with_stats else None,
+                self.running_var if with_stats else None, self.weight, self.bias,
+                batch_stats, factor, self.eps, None, self.activation, residual)
+            if not batch_stats:
+                mean, var = self._constant_stats()
+            pieces = [(slice(None), mean, var)]
         else:
-            y, pieces = self._ghost_forward(x, residual, groups, result_dtype, common, dims,
-                                            factor if update else None)
+            y, pieces = self._ghost_forward(x, residual, groups, result_dtype, compute_dtype,
+                                            axis, dims, factor if update else None)
         if update:
             self.num_batches_tracked += 1
-        self._cache = _Cache(x, y if self.activation == "relu" else None, pieces, batch_stats,
-                             result_dtype)
+        # The calls above accepted eps, so float(eps) is the value they normalized with.
+        self._cache = _Cache(x, y if self.activation == "relu" else None, pieces,
+                             float(self.eps), batch_stats, result_dtype)
         return y
+
+    def _constant_stats_fast_forward(self, input) -> np.ndarray | None:
+        """Evaluation or frozen mode through the backend's C fast path (what
+        :func:`fastbn.batch_norm` does for the same call), or None when the call needs the
+        general path: another backend, input that is not a C-contiguous float32/float64
+        array, or anything the general path must check and reject."""
+        if self.backend is not None and self.backend != "cython":
+            return None
+        fast = _fast_path()
+        if fast is None:
+            return None
+        y = fast(input, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0,
+                 self.eps, self.axis, None, self.activation, get_num_threads())
+        # The fast path matched the input's channels against the running statistics; the
+        # general path reports a mismatch with num_features (arrays replaced by the user).
+        if y is None or y.shape[self.axis] != self.num_features:
+            return None
+        mean, var = self._constant_stats()
+        self._cache = _Cache(input, y if self.activation == "relu" else None,
+                             [(slice(None), mean, var)], self.eps, False, y.dtype)
+        return y
+
+    def _constant_stats(self) -> tuple[np.ndarray, np.ndarray]:
+        """Backward's constants in evaluation or frozen mode: float64 copies, so that later
+        changes to the running statistics do not reach the cache."""
+        return self.running_mean.astype(np.float64), self.running_var.astype(np.float64)
 
     def _momentum_factor(self) -> float:
         """The weight of this batch in the running statistics (momentum=None: 1/(n + 1))."""
@@ -307,7 +338,8 @@ class BatchNorm:
             return None
         return [k * v for k in range(groups)] + [n]
 
-    def _ghost_forward(self, x, residual, bounds, result_dtype, common, dims, factor):
+    def _ghost_forward(self, x, residual, bounds, result_dtype, compute_dtype, axis, dims,
+                       factor):
         if residual is not None:
             residual = _as_data(residual, "residual")
             if residual.shape != x.shape:
@@ -318,19 +350,20 @@ class BatchNorm:
             raise ValueError(f"virtual_batch_size={self.virtual_batch_size} gives sub-batches "
                              f"with 1 value per channel (input shape {x.shape}); expected more "
                              f"than 1 value per channel when training")
+        module = get_backend(self.backend)
         y = np.empty(x.shape, result_dtype)
         pieces = []
         for start, stop in zip(bounds[:-1], bounds[1:]):
             part = slice(start, stop)
-            _, mean, invstd = batch_norm(
-                x[part], None, None, self.weight, self.bias, True,
-                residual=None if residual is None else residual[part], out=y[part],
-                return_stats=True, **common)
-            pieces.append((part, mean, invstd))
+            _, mean, var = _batch_norm_prepared(
+                module, x[part], result_dtype, compute_dtype, _view3(x[part], axis), None, None,
+                self.weight, self.bias, True, 0.0, self.eps, y[part], self.activation,
+                None if residual is None else residual[part])
+            pieces.append((part, mean, var))
         if factor is not None:
             # Each sub-batch's exact M2 from the moments kernel (one more read of the input):
-            # rebuilding it from invstd as 1/invstd**2 - eps loses the variance when eps >> var.
-            parts = [moments(x[p], axis=common["axis"], backend=self.backend)
+            # rebuilt from the biased variance as var * count it would be rounded.
+            parts = [moments(x[p], axis=axis, backend=self.backend)
                      for p, _, _ in pieces]
             counts = np.array([m.count for m in parts], float)
             batch_mean = counts @ np.array([m.mean for m in parts]) / counts.sum()
@@ -391,9 +424,9 @@ class BatchNorm:
         single = len(cache.pieces) == 1
         grad_input = None if single else np.empty(x.shape, cache.result_dtype)
         sum_w = sum_b = 0.0
-        for part, mean, invstd in cache.pieces:
+        for part, mean, var in cache.pieces:
             gi, gw, gb = batch_norm_backward(
-                dy[part], x[part], mean, invstd, self.weight, axis=self.axis,
+                dy[part], x[part], mean, _invstd(var, cache.eps), self.weight, axis=self.axis,
                 training=cache.batch_stats,
                 output=None if cache.output is None else cache.output[part],
                 activation=self.activation, out=None if single else grad_input[part],

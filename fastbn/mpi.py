@@ -228,8 +228,8 @@ class BatchNorm(_LocalBatchNorm):
             _update_running_stats(self.running_mean, self.running_var, total.mean, unbiased,
                                   factor)
             self.num_batches_tracked += 1
-        self._cache = _Cache(x, y if relu else None, [(slice(None), total.mean, invstd)], True,
-                             result_dtype)
+        self._cache = _Cache(x, y if relu else None, [(slice(None), total.mean, var)], self.eps,
+                             True, result_dtype)
         self._sync_stats = (total.mean, invstd, n)
         return y
 
