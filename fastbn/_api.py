@@ -269,7 +269,9 @@ def batch_norm(input: ArrayLike, running_mean: NDArray | None, running_var: NDAr
                 return y
     module = get_backend(backend)
     x, result_dtype, compute_dtype, axis, dims = _prepare_input(input, axis)
-    y, mean, var = _batch_norm_prepared(module, x, result_dtype, compute_dtype, dims,
+    # Called here, not inside: its fork warning names the caller of this function.
+    num_threads = get_num_threads()
+    y, mean, var = _batch_norm_prepared(module, num_threads, x, result_dtype, compute_dtype, dims,
                                         running_mean, running_var, weight, bias, training,
                                         momentum, eps, out, activation, residual)
     if return_stats:
@@ -284,10 +286,10 @@ def _invstd(var: np.ndarray, eps: float) -> np.ndarray:
     return 1.0 / np.sqrt(var + eps)
 
 
-def _batch_norm_prepared(module, x: np.ndarray, result_dtype: np.dtype, compute_dtype: np.dtype,
-                         dims: tuple[int, int, int], running_mean, running_var, weight, bias,
-                         training, momentum, eps, out, activation, residual
-                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _batch_norm_prepared(module, num_threads: int, x: np.ndarray, result_dtype: np.dtype,
+                         compute_dtype: np.dtype, dims: tuple[int, int, int], running_mean,
+                         running_var, weight, bias, training, momentum, eps, out, activation,
+                         residual) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """:func:`batch_norm`'s general path after the backend and the input are checked
     (`x` and `dims` from :func:`_prepare_input`): check the other arguments, normalize.
 
@@ -326,7 +328,6 @@ def _batch_norm_prepared(module, x: np.ndarray, result_dtype: np.dtype, compute_
     residual3 = _same_shape_operand(residual, "residual", x.shape, compute_dtype, dims)
     target = _Output(out, x.shape, result_dtype, compute_dtype, dims, (x3, residual3))
 
-    num_threads = get_num_threads()
     if training:
         mean, var = module.train_forward(x3, weight, bias, eps, residual3, relu, target.target,
                                          num_threads)

@@ -275,7 +275,7 @@ class BatchNorm:
             # The functional API's general path minus the input checks done just above.
             with_stats = update or not batch_stats
             y, mean, var = _batch_norm_prepared(
-                get_backend(self.backend), x, result_dtype, compute_dtype, dims,
+                get_backend(self.backend), get_num_threads(), x, result_dtype, compute_dtype, dims,
                 self.running_mean if with_stats else None,
                 self.running_var if with_stats else None, self.weight, self.bias,
                 batch_stats, factor, self.eps, None, self.activation, residual)
@@ -350,15 +350,15 @@ class BatchNorm:
             raise ValueError(f"virtual_batch_size={self.virtual_batch_size} gives sub-batches "
                              f"with 1 value per channel (input shape {x.shape}); expected more "
                              f"than 1 value per channel when training")
-        module = get_backend(self.backend)
+        module, num_threads = get_backend(self.backend), get_num_threads()
         y = np.empty(x.shape, result_dtype)
         pieces = []
         for start, stop in zip(bounds[:-1], bounds[1:]):
             part = slice(start, stop)
             _, mean, var = _batch_norm_prepared(
-                module, x[part], result_dtype, compute_dtype, _view3(x[part], axis), None, None,
-                self.weight, self.bias, True, 0.0, self.eps, y[part], self.activation,
-                None if residual is None else residual[part])
+                module, num_threads, x[part], result_dtype, compute_dtype, _view3(x[part], axis),
+                None, None, self.weight, self.bias, True, 0.0, self.eps, y[part],
+                self.activation, None if residual is None else residual[part])
             pieces.append((part, mean, var))
         if factor is not None:
             # Each sub-batch's exact M2 from the moments kernel (one more read of the input):
