@@ -1564,7 +1564,7 @@ cdef inline bint _overlaps(cnp.ndarray a, cnp.ndarray b):
 
 cdef _fast_run(floating* tag, cnp.ndarray x, object running_mean, object running_var,
                object weight, object bias, bint training, double momentum, double eps,
-               cnp.ndarray y, bint relu, Layout L):
+               cnp.ndarray y, bint relu, Layout L, object stats):
     cdef Py_ssize_t C = L.channels, S = _param_stride(C), c, count = L.outer * L.inner
     cdef Py_ssize_t group = _group_channels(L, x.itemsize) if training else C
     _set_group(&L, group)
@@ -1591,6 +1591,10 @@ cdef _fast_run(floating* tag, cnp.ndarray x, object running_mean, object running
                         + momentum * f64[5 * C + c])
                 _set_at(running_var, c, (1.0 - momentum) * _at(running_var, c, 0.0)
                         + momentum * (f64[7 * C + c] * (<double> count / (count - 1))))
+        if stats is not None:
+            memcpy(cnp.PyArray_DATA(<cnp.ndarray> stats), f64 + 5 * C, C * sizeof(double))
+            memcpy(<double*> cnp.PyArray_DATA(<cnp.ndarray> stats) + C, f64 + 7 * C,
+                   C * sizeof(double))
         return
     for c in range(C):
         f64[5 * C + c] = _at(running_mean, c, 0.0)
@@ -1604,8 +1608,11 @@ cdef _fast_run(floating* tag, cnp.ndarray x, object running_mean, object running
 
 
 def fast_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
-                    axis, out, activation, int num_threads):
-    """batch_norm for the common case, or None when the general path must handle the call."""
+                    axis, out, activation, int num_threads, stats=None):
+    """batch_norm for the common case, or None when the general path must handle the call.
+
+    stats: None, or for training a C-contiguous float64 array of shape (2, C) that receives the
+    batch mean and biased variance (what the BatchNorm layer keeps for its backward)."""
     if not _native_float(input, True) or (activation is not None and activation != "relu"):
         return None
     if type(training) is not bool or type(axis) is not int:
@@ -1650,6 +1657,13 @@ def fast_batch_norm(input, running_mean, running_var, weight, bias, training, mo
         y = <cnp.ndarray> out
         if y is not x and _overlaps(y, x):
             return None
+    if stats is not None and not (
+            training and cnp.PyArray_CheckExact(stats)
+            and cnp.PyArray_TYPE(<cnp.ndarray> stats) == cnp.NPY_FLOAT64
+            and cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray> stats)
+            and cnp.PyArray_ISWRITEABLE(<cnp.ndarray> stats)
+            and cnp.PyArray_SIZE(<cnp.ndarray> stats) == 2 * C):
+        return None
     cdef Layout L
     L.outer = outer
     L.channels = C
@@ -1659,10 +1673,10 @@ def fast_batch_norm(input, running_mean, running_var, weight, bias, training, mo
     cdef double momentum_ = momentum, eps_ = eps
     if cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT32:
         _fast_run(<float*> NULL, x, running_mean, running_var, weight, bias, is_training,
-                  momentum_, eps_, y, relu, L)
+                  momentum_, eps_, y, relu, L, stats)
     else:
         _fast_run(<double*> NULL, x, running_mean, running_var, weight, bias, is_training,
-                  momentum_, eps_, y, relu, L)
+                  momentum_, eps_, y, relu, L, stats)
     return y
 
 

@@ -260,8 +260,13 @@ class BatchNorm:
                [1.5, 0. ]])
         """
         batch_stats = (self.training and not self.frozen) or not self.track_running_stats
-        if not batch_stats and residual is None:
-            y = self._constant_stats_fast_forward(input)
+        if residual is None:
+            if not batch_stats:
+                y = self._constant_stats_fast_forward(input)
+            elif self.virtual_batch_size is None:
+                y = self._batch_stats_fast_forward(input)
+            else:
+                y = None
             if y is not None:
                 return y
         x, result_dtype, compute_dtype, axis, dims = _prepare_input(input, self.axis)
@@ -311,6 +316,33 @@ class BatchNorm:
         mean, var = self._constant_stats()
         self._cache = _Cache(input, y if self.activation == "relu" else None,
                              [(slice(None), mean, var)], self.eps, False, y.dtype)
+        return y
+
+    def _batch_stats_fast_forward(self, input) -> np.ndarray | None:
+        """Batch statistics (training, or no running statistics) through the backend's C fast
+        path, which also updates the running statistics and hands back the batch mean and
+        variance for the backward cache; None when the call needs the general path (which then
+        gives the same result, or the error)."""
+        if self.backend is not None and self.backend != "cython":
+            return None
+        fast = _fast_path()
+        if fast is None:
+            return None
+        update = self.training and not self.frozen and self.track_running_stats
+        factor = self._momentum_factor() if update else 0.0
+        stats = np.empty((2, self.num_features))
+        # Without running statistics, weight and bias the fast path cannot check the channel
+        # count; it returns an output of the wrong width, which is discarded below (nothing
+        # else has changed then).
+        y = fast(input, self.running_mean if update else None,
+                 self.running_var if update else None, self.weight, self.bias, True, factor,
+                 self.eps, self.axis, None, self.activation, get_num_threads(), stats)
+        if y is None or y.shape[self.axis] != self.num_features:
+            return None
+        if update:
+            self.num_batches_tracked += 1
+        self._cache = _Cache(input, y if self.activation == "relu" else None,
+                             [(slice(None), stats[0], stats[1])], self.eps, True, y.dtype)
         return y
 
     def _constant_stats(self) -> tuple[np.ndarray, np.ndarray]:

@@ -471,3 +471,18 @@ def test_ghost_running_variance_is_exact_when_eps_dominates(backend):
     pooled = sum(p.var(axis=(0, 2)) * n for p in (x[:4], x[4:])) / (2 * (n - 1))
     np.testing.assert_allclose(bn.running_var, pooled, rtol=1e-9)
     np.testing.assert_allclose(bn.running_mean, x.mean(axis=(0, 2)), rtol=1e-9, atol=1e-20)
+
+
+@pytest.mark.parametrize("affine,track", [(False, False), (True, False), (False, True)])
+@pytest.mark.parametrize("training", [True, False])
+def test_wrong_channel_count_is_rejected_and_changes_nothing(affine, track, training):
+    """Also when nothing of the layer's own has the channel count to compare with (no weight,
+    no running statistics): the error names num_features and the layer keeps its state."""
+    bn = fastbn.BatchNorm(3, affine=affine, track_running_stats=track)
+    bn.train(training)
+    state = {k: np.copy(v) for k, v in bn.state_dict().items()}
+    x = np.random.default_rng(0).standard_normal((4, 5, 6)).astype(np.float32)
+    with pytest.raises(ValueError, match="num_features=3"):
+        bn(x)
+    for key, value in bn.state_dict().items():
+        np.testing.assert_array_equal(value, state[key])
