@@ -225,7 +225,8 @@ cdef extern from *:
         fastbn_v4d s1 = {0, 0, 0, 0}, s2 = s1;
         double tail1 = 0.0, tail2 = 0.0, gd, total1, total2;
         Py_ssize_t i, k, body = n / 16 * 16;
-        if (n < 64) {
+        if (n < 16) {  /* float32 from 16 values on: 64x2048x7x7 backward 3.7x -> 3.1x copy
+                          (moments of such spans stay faster in float64, see above) */
             fastbn_span_grad_sums_wide_f32(dy, x, out, n, mean, sum_dy, sum_dy_xmu);
             return;
         }
