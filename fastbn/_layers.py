@@ -260,13 +260,8 @@ class BatchNorm:
                [1.5, 0. ]])
         """
         batch_stats = (self.training and not self.frozen) or not self.track_running_stats
-        if residual is None:
-            if not batch_stats:
-                y = self._constant_stats_fast_forward(input)
-            elif self.virtual_batch_size is None:
-                y = self._batch_stats_fast_forward(input)
-            else:
-                y = None
+        if residual is None and (not batch_stats or self.virtual_batch_size is None):
+            y = self._fast_forward(input, batch_stats)
             if y is not None:
                 return y
         x, result_dtype, compute_dtype, axis, dims = _prepare_input(input, self.axis)
@@ -297,52 +292,36 @@ class BatchNorm:
                              float(self.eps), batch_stats, result_dtype)
         return y
 
-    def _constant_stats_fast_forward(self, input) -> np.ndarray | None:
-        """Evaluation or frozen mode through the backend's C fast path (what
-        :func:`fastbn.batch_norm` does for the same call), or None when the call needs the
-        general path: another backend, input that is not a C-contiguous float32/float64
-        array, or anything the general path must check and reject."""
+    def _fast_forward(self, input, batch_stats: bool) -> np.ndarray | None:
+        """The forward through the backend's C fast path (what :func:`fastbn.batch_norm` does
+        for the same call), or None when the call needs the general path (which then gives
+        the same result, or the error): another backend, input that is not a C-contiguous
+        float32/float64 array, anything the general path must check and reject. With batch
+        statistics the fast path also updates the running statistics and hands back the batch
+        mean and variance for the backward cache."""
         if self.backend is not None and self.backend != "cython":
             return None
         fast = _fast_path()
         if fast is None:
             return None
-        y = fast(input, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0,
-                 self.eps, self.axis, None, self.activation, get_num_threads())
-        # The fast path matched the input's channels against the running statistics; the
-        # general path reports a mismatch with num_features (arrays replaced by the user).
-        if y is None or y.shape[self.axis] != self.num_features:
-            return None
-        mean, var = self._constant_stats()
-        self._cache = _Cache(input, y if self.activation == "relu" else None,
-                             [(slice(None), mean, var)], self.eps, False, y.dtype)
-        return y
-
-    def _batch_stats_fast_forward(self, input) -> np.ndarray | None:
-        """Batch statistics (training, or no running statistics) through the backend's C fast
-        path, which also updates the running statistics and hands back the batch mean and
-        variance for the backward cache; None when the call needs the general path (which then
-        gives the same result, or the error)."""
-        if self.backend is not None and self.backend != "cython":
-            return None
-        fast = _fast_path()
-        if fast is None:
-            return None
-        update = self.training and not self.frozen and self.track_running_stats
-        factor = self._momentum_factor() if update else 0.0
-        stats = np.empty((2, self.num_features))
-        # Without running statistics, weight and bias the fast path cannot check the channel
-        # count; it returns an output of the wrong width, which is discarded below (nothing
-        # else has changed then).
-        y = fast(input, self.running_mean if update else None,
-                 self.running_var if update else None, self.weight, self.bias, True, factor,
-                 self.eps, self.axis, None, self.activation, get_num_threads(), stats)
+        update = batch_stats and self.training and not self.frozen and self.track_running_stats
+        with_running = update or not batch_stats
+        stats = np.empty((2, self.num_features)) if batch_stats else None
+        y = fast(input, self.running_mean if with_running else None,
+                 self.running_var if with_running else None, self.weight, self.bias,
+                 batch_stats, self._momentum_factor() if update else 0.0, self.eps, self.axis,
+                 None, self.activation, get_num_threads(), stats)
+        # Without running statistics, weight and bias the fast path cannot match the input's
+        # channels against num_features (nor when the user replaced those arrays): an output
+        # of another width is discarded, nothing else has changed then, and the general path
+        # reports the mismatch.
         if y is None or y.shape[self.axis] != self.num_features:
             return None
         if update:
             self.num_batches_tracked += 1
+        mean, var = (stats[0], stats[1]) if batch_stats else self._constant_stats()
         self._cache = _Cache(input, y if self.activation == "relu" else None,
-                             [(slice(None), stats[0], stats[1])], self.eps, True, y.dtype)
+                             [(slice(None), mean, var)], self.eps, batch_stats, y.dtype)
         return y
 
     def _constant_stats(self) -> tuple[np.ndarray, np.ndarray]:
