@@ -19,9 +19,11 @@ import numba  # noqa: E402
 
 # Shapes covering both layouts, several blocks per channel, inner split into pieces and tails,
 # short rows shared out in units of several channels (several units and blocks, a partial unit),
-# rows just short (RUN) and just long enough to be cut into lanes.
+# rows just short (RUN) and just long enough to be cut into lanes, long rows shared out in
+# units of several channels (with a partial unit).
 SHAPES = [(6, 5, 1), (300, 7, 1), (3, 4, 20000), (40, 3, 77), (2, 3, 4096 * 5 + 3),
-          (700, 45, 49), (5, 3, numba_kernels.RUN), (5, 3, numba_kernels.RUN + 1)]
+          (700, 45, 49), (5, 3, numba_kernels.RUN), (5, 3, numba_kernels.RUN + 1),
+          (4, 7, numba_kernels.LONG_RUN // 3 - 1)]
 
 
 def data(shape, dtype, seed):
@@ -75,13 +77,18 @@ def test_matches_the_reference(shape, dtype):
         np.testing.assert_allclose(got, want, rtol=0, atol=tol * max(1.0, np.abs(want).max()))
 
 
-def test_training_statistics_equal_moments_bitwise():
-    # The blocks depend on the shape only, not on the channel groups that training runs.
-    x = (np.random.default_rng(4).standard_normal((64, 400, 49)) * 3 + 5).astype(np.float32)
-    assert numba_kernels._group_channels(64, 49, x.itemsize, 1, 400) < 400
+@pytest.mark.parametrize("shape", [(64, 400, 49), (48, 30, 2500)])
+def test_training_statistics_equal_moments_bitwise(shape):
+    # The blocks depend on the shape only, not on the channel groups that training runs
+    # (short rows; long rows whose units hold several channels, cut by the groups).
+    outer, channels, inner = shape
+    x = (np.random.default_rng(4).standard_normal(shape) * 3 + 5).astype(np.float32)
+    group = numba_kernels._group_channels(outer, inner, x.itemsize, 1, channels)
+    assert group < channels
+    assert group % numba_kernels._units(0, channels, outer, inner)[0] != 0
     count, mean, m2 = numba_kernels.moments(x, 2)
-    tmean, tvar = numba_kernels.train_forward(x, np.ones(400), np.zeros(400), 1e-5, None, False,
-                                              np.empty_like(x), 2)
+    tmean, tvar = numba_kernels.train_forward(x, np.ones(channels), np.zeros(channels), 1e-5,
+                                              None, False, np.empty_like(x), 2)
     assert tmean.tobytes() == mean.tobytes()
     assert tvar.tobytes() == (m2 / count).tobytes()
 
