@@ -765,6 +765,7 @@ cdef Py_ssize_t SERIAL_BELOW = 1 << 15   # elements; smaller calls run on one th
 cdef Py_ssize_t STREAM_ABOVE = last_level_cache_bytes() // 2
 DEF TILE_BYTES = 16384                   # streamed through L1 when the output aliases an input
 DEF ALIAS_WINDOW = 128                   # bytes; see _aliases
+DEF ROW_TASKS = 16                       # see _set_group
 DEF LONG_SPAN = 256                      # channels-first rows this long: one run per row
 DEF PARAM_PAD = 8                        # lanes of the widest vector (float32)
 
@@ -831,6 +832,8 @@ cdef struct Layout:
     Py_ssize_t chan_chunk            # channels-first: channels of a unit per block
     Py_ssize_t chan_blocks           # channels-first: blocks per unit
     Py_ssize_t cf_blocks             # channels-first: blocks per channel group
+    Py_ssize_t row_chans             # channels-first rows of several segments: channels per
+                                     # task of the memory-order passes (see _row_tasks)
     Py_ssize_t nblocks, block_rows   # channels-last: row blocks and rows per block
     int threads
     bint stream                      # non-temporal stores for the output
@@ -868,7 +871,7 @@ cdef void _set_group(Layout* L, Py_ssize_t group) noexcept:
     than SEGMENT values (a batch of one 56x56 image) is split into blocks of channels, so
     that small batches use every thread. Partial sums are kept per (unit, channel).
     """
-    cdef Py_ssize_t chunk_rows
+    cdef Py_ssize_t chunk_rows, chunks
     L.group = group
     chunk_rows = max(1, SEGMENT // max(1, group * L.inner)) if L.nseg == 1 else 1
     L.chunk_rows = chunk_rows
@@ -878,6 +881,10 @@ cdef void _set_group(Layout* L, Py_ssize_t group) noexcept:
         L.chan_chunk = max(1, SEGMENT // max(1, L.inner))
     L.chan_blocks = max(1, (group + L.chan_chunk - 1) // L.chan_chunk)
     L.cf_blocks = L.cf_units * L.chan_blocks
+    # Rows of several segments are read whole, image by image, in tasks of row_chans
+    # channels: at least ROW_TASKS tasks when there are that many rows.
+    chunks = min(max(1, group), (ROW_TASKS + L.outer - 1) // max(1, L.outer))
+    L.row_chans = max(1, (group + chunks - 1) // chunks)
 
 
 cdef Py_ssize_t _group_channels(Layout L, Py_ssize_t bytes_per_value):
@@ -914,13 +921,38 @@ cdef void _cf_partials(const floating* x, const floating* dy, const floating* ou
                        double* part1, double* part2) noexcept nogil:
     """Channels-first partial sums of channels [c0, c1): part[unit * G + (c - c0)].
 
-    Without dy: shifted moments of x about `center`; with dy: the gradient sums.
+    Without dy: shifted moments of x about `center`; with dy: the gradient sums. Rows of
+    several segments are read whole and in memory order (task by task, see _row_tasks); the
+    segment partials are the same, so are the results. (Segment by segment across the
+    channels, 32x64x112x112 moments took 4.6 ms, in memory order 1.9 ms.)
     """
     cdef Py_ssize_t G = c1 - c0
-    cdef Py_ssize_t blk, unit, n, c, ca, ce, r0, r1, start, length, offset
+    cdef Py_ssize_t blk, unit, n, c, ca, ce, r0, r1, start, length, offset, task, seg, chunks
     cdef double t1, t2
     cdef double* p1
     cdef double* p2
+    if L.nseg > 1:
+        chunks = (G + L.row_chans - 1) // L.row_chans
+        for task in prange(L.outer * chunks, schedule="static", num_threads=L.threads):
+            n = task // chunks
+            ca = c0 + (task % chunks) * L.row_chans
+            ce = min(c1, ca + L.row_chans)
+            for c in range(ca, ce):
+                for seg in range(L.nseg):
+                    start = seg * L.seglen
+                    offset = (n * L.channels + c) * L.inner + start
+                    t1 = 0.0
+                    t2 = 0.0
+                    if dy == NULL:
+                        _span_sums(x + offset, min(L.seglen, L.inner - start), center[c],
+                                   &t1, &t2)
+                    else:
+                        _span_grad_sums(dy + offset, x + offset,
+                                        NULL if output == NULL else output + offset,
+                                        min(L.seglen, L.inner - start), center[c], &t1, &t2)
+                    part1[(n * L.nseg + seg) * G + c - c0] = t1  # unit n * nseg + seg
+                    part2[(n * L.nseg + seg) * G + c - c0] = t2
+        return
     for blk in prange(L.cf_blocks, schedule="static", num_threads=L.threads):
         unit = blk // L.chan_blocks
         ca = c0 + (blk % L.chan_blocks) * L.chan_chunk
@@ -1136,10 +1168,24 @@ cdef void _cf_elementwise(Elementwise* E, floating* tag, Layout L, Py_ssize_t c0
     """The element-wise pass over channels [c0, c1), channels-first, block by block: short rows
     (7x7 images) as one run per row n across the block's channels (whole rows of adjacent
     channels are contiguous); long rows (segments) one run each, with constant parameters (5%
-    faster there than the run across channels)."""
+    faster there than the run across channels); rows of several segments whole, in memory
+    order (as in _cf_partials)."""
     cdef floating* out = <floating*> E.out
-    cdef Py_ssize_t blk, unit, n, c, ca, ce, r0, r1, start, length, offset
+    cdef Py_ssize_t blk, unit, n, c, ca, ce, r0, r1, start, length, offset, task, chunks
     cdef char* buf
+    if L.nseg > 1:
+        chunks = (c1 - c0 + L.row_chans - 1) // L.row_chans
+        for task in prange(L.outer * chunks, schedule="static", num_threads=L.threads):
+            buf = NULL if bufs == NULL else bufs + threadid() * (TILE_BYTES + 4096)
+            n = task // chunks
+            ca = c0 + (task % chunks) * L.row_chans
+            ce = min(c1, ca + L.row_chans)
+            for c in range(ca, ce):
+                offset = (n * L.channels + c) * L.inner
+                _emit(E, out + offset, offset, L.inner, c, 1, 0, L.stream, buf)
+            if L.stream:
+                fastbn_sfence()
+        return
     for blk in prange(L.cf_blocks, schedule="static", num_threads=L.threads):
         buf = NULL if bufs == NULL else bufs + threadid() * (TILE_BYTES + 4096)
         unit = blk // L.chan_blocks
