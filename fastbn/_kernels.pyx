@@ -35,7 +35,7 @@ from libc.string cimport memcpy
 cimport numpy as cnp
 import numpy as np
 
-from ._config import last_level_cache_bytes
+from ._config import last_level_cache_bytes, streamed_store_alias_stall
 
 cnp.import_array()
 
@@ -763,7 +763,10 @@ cdef Py_ssize_t SERIAL_BELOW = 1 << 15   # elements; smaller calls run on one th
 # unstreamed, 98 MB output 5.7 -> 4.5 ms streamed; on the 8 MB L3 of the first machine 4 MB was
 # best.
 cdef Py_ssize_t STREAM_ABOVE = last_level_cache_bytes() // 2
-DEF TILE_BYTES = 16384                   # streamed through L1 when the output aliases an input
+# Streamed outputs that alias an input modulo 4 KB go through an L1 tile on processors where
+# that stalls (see _aliases and fastbn._config.streamed_store_alias_stall).
+cdef bint ALIAS_GUARD = streamed_store_alias_stall()
+DEF TILE_BYTES = 16384
 DEF ALIAS_WINDOW = 128                   # bytes; see _aliases
 DEF ROW_TASKS = 16                       # see _set_group
 DEF LONG_SPAN = 256                      # channels-first rows this long: one run per row
@@ -773,9 +776,11 @@ DEF PARAM_PAD = 8                        # lanes of the widest vector (float32)
 def _tuning(**changes):
     """Read (and, for experiments, change) the tuning constants; returns the previous values."""
     global SEGMENT, ROW_BLOCK_BYTES, MAX_ROW_BLOCKS, GROUP_BYTES, SERIAL_BELOW, STREAM_ABOVE
+    global ALIAS_GUARD
     previous = dict(SEGMENT=SEGMENT, ROW_BLOCK_BYTES=ROW_BLOCK_BYTES,
                     MAX_ROW_BLOCKS=MAX_ROW_BLOCKS, GROUP_BYTES=GROUP_BYTES,
-                    SERIAL_BELOW=SERIAL_BELOW, STREAM_ABOVE=STREAM_ABOVE)
+                    SERIAL_BELOW=SERIAL_BELOW, STREAM_ABOVE=STREAM_ABOVE,
+                    ALIAS_GUARD=ALIAS_GUARD)
     for name in changes:
         if name not in previous:
             raise ValueError(f"unknown tuning constant {name!r}")
@@ -785,6 +790,7 @@ def _tuning(**changes):
     GROUP_BYTES = changes.get("GROUP_BYTES", GROUP_BYTES)
     SERIAL_BELOW = changes.get("SERIAL_BELOW", SERIAL_BELOW)
     STREAM_ABOVE = changes.get("STREAM_ABOVE", STREAM_ABOVE)
+    ALIAS_GUARD = changes.get("ALIAS_GUARD", ALIAS_GUARD)
     return previous
 
 
@@ -1247,8 +1253,8 @@ cdef inline void _extend(floating* tag, void* values, Py_ssize_t C) noexcept nog
 cdef void _elementwise(Elementwise* E, floating* tag, Layout L, Py_ssize_t c0,
                        Py_ssize_t c1) noexcept nogil:
     cdef char* bufs = NULL
-    if L.stream and (_aliases(E.out, E.x) or _aliases(E.out, E.residual)
-                     or _aliases(E.out, E.dy)):
+    if L.stream and ALIAS_GUARD and (_aliases(E.out, E.x) or _aliases(E.out, E.residual)
+                                     or _aliases(E.out, E.dy)):
         bufs = <char*> malloc(L.threads * (TILE_BYTES + 4096))  # NULL: direct stores, slower
     if L.inner > 1:
         _cf_elementwise(E, tag, L, c0, c1, bufs)
