@@ -191,3 +191,40 @@ def test_compiled_kernels_are_cached_on_disk():
     for name in ("_chw_train", "_hwc_moments", "_chw_backward", "_lanes_moments"):
         assert getattr(numba_kernels, name)._cache is not None
         assert type(getattr(numba_kernels, name)._cache).__name__ == "FunctionCache"
+
+
+def _offset_empty(shape, dtype, offset):
+    """A C-contiguous array whose data starts `offset` elements past a 64-byte boundary."""
+    size = int(np.prod(shape))
+    raw = np.empty(size + 64, dtype)
+    start = (-raw.ctypes.data % 64) // raw.itemsize + offset
+    return raw[start:start + size].reshape(shape)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(3, 2, numba_kernels.RUN + 37), (2, 3, 20000), (40, 1, 1),
+                                   (31, 3, 1), (17, 15, 1), (13, 16, 1), (11, 17, 1),
+                                   (7, 100, 1), (3, 4, 49)])
+def test_streamed_outputs_equal_cached_stores(monkeypatch, dtype, shape):
+    """Outputs above STREAM_ABOVE go out with non-temporal vector stores (aligned body, scalar
+    head and tail, channels-last constants read across the end of a row): bit for bit the
+    values of the plain stores, at every alignment of the output, NaN passed by the ReLU."""
+    rng = np.random.default_rng(8)
+    x = (rng.standard_normal(shape) * 2 + 3).astype(dtype)
+    x.flat[::97] = np.nan
+    residual = rng.standard_normal(shape).astype(dtype)
+    c = shape[1]
+    w, b = np.linspace(0.5, 1.5, c), np.linspace(-1, 1, c)
+    mean, scale = np.linspace(2, 4, c), np.linspace(0.3, 0.6, c).astype(dtype)
+
+    def run(stream_above, offset):
+        monkeypatch.setattr(numba_kernels, "STREAM_ABOVE", stream_above)
+        y, ev = _offset_empty(shape, dtype, offset), _offset_empty(shape, dtype, offset)
+        stats = numba_kernels.train_forward(x, w, b, 1e-5, residual, True, y, 2)
+        numba_kernels.normalize(x, mean, scale, b.astype(dtype), None, False, ev, 2)
+        return [*stats, y.copy(), ev.copy()]
+
+    cached = run(1 << 62, 0)
+    for offset in (0, 1, 3, 7, 64 // np.dtype(dtype).itemsize - 1):
+        for got, want in zip(run(0, offset), cached):
+            assert got.tobytes() == want.tobytes()
