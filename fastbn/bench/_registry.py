@@ -638,6 +638,34 @@ def measure(fn, min_time: float = 0.2, min_repeat: int = 3, max_repeat: int = 10
             "number": number}
 
 
+def measure_paired(fn, yardstick, min_time: float = 0.2, min_repeat: int = 3,
+                   max_repeat: int = 10000, first: float | None = None) -> tuple[dict, dict]:
+    """`measure` of `fn` and of `yardstick`, their batches alternating: both see the same
+    machine. (The memory bandwidth of a shared VM drifts by up to 2x within seconds; a
+    yardstick timed at another moment than the case made ratios of the same kernel move by
+    that much between runs.)"""
+    def once(f):
+        start = time.perf_counter()
+        f()
+        return time.perf_counter() - start
+    if first is None:
+        first = once(fn)
+    numbers = [max(1, int(5e-4 / max(t, 1e-9))) if t < 5e-4 else 1
+               for t in (first, once(yardstick))]
+    samples: list[list[float]] = [[], []]
+    total = 0.0
+    while len(samples[0]) < min_repeat or (total < min_time and len(samples[0]) < max_repeat):
+        for k, (f, number) in enumerate(zip((fn, yardstick), numbers)):
+            start = time.perf_counter()
+            for _ in range(number):
+                f()
+            elapsed = time.perf_counter() - start
+            samples[k].append(elapsed / number)
+            total += elapsed if k == 0 else 0.0
+    return tuple({"best": min(s), "median": float(np.median(s)), "samples": len(s),
+                  "number": number} for s, number in zip(samples, numbers))
+
+
 def set_threads(n: int) -> None:
     """Use `n` threads in fastbn and in the other libraries that have a setting for it."""
     fastbn.set_num_threads(n)

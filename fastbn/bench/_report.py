@@ -24,9 +24,10 @@ from pathlib import Path
 import numpy as np
 
 import fastbn
+from fastbn._config import last_level_cache_bytes
 
 from . import _registry as reg
-from ._registry import measure
+from ._registry import measure, measure_paired
 
 # ----------------------------------------------------------------------------- the machine
 
@@ -86,6 +87,7 @@ def machine() -> dict:
         "usable cpus": usable,
         "cores per socket": cpu.get("cpu cores"),
         "cache": cpu.get("cache size"),
+        "last-level cache": f"{last_level_cache_bytes() >> 10} KB",
         "simd": " ".join(simd),
         "memory": f"{mem:.0f} GB" if mem else None,
         "platform": platform.platform(),
@@ -156,18 +158,25 @@ def _fastbn_kernels():
     return _kernels
 
 
+def fastest_copy(copier: Copier, min_time: float) -> tuple[str, object, dict]:
+    """The fastest of the copier's methods: (name, function, all timings)."""
+    timings = {}
+    methods = copier.methods()
+    for name, fn in methods.items():
+        fn()
+        timings[name] = measure(fn, min_time / 2)["best"]
+    if not np.array_equal(copier.dst, copier.src):
+        raise AssertionError("the copy yardstick copied wrongly")
+    method = min(timings, key=timings.get)
+    return method, methods[method], timings
+
+
 def measure_copy(x: np.ndarray, threads: int, min_time: float) -> dict:
     copier = Copier(x, threads)
     try:
-        timings = {}
-        for name, fn in copier.methods().items():
-            fn()
-            timings[name] = measure(fn, min_time / 2)["best"]
-        if not np.array_equal(copier.dst, copier.src):
-            raise AssertionError("the copy yardstick copied wrongly")
+        method, _, timings = fastest_copy(copier, min_time)
     finally:
         copier.close()
-    method = min(timings, key=timings.get)
     return {"time": timings[method], "method": method, "all": timings,
             "gbps": 2 * x.nbytes / timings[method] / 1e9}
 
@@ -183,18 +192,13 @@ def run_cases(cases, threads: int, min_time: float = 0.2, progress=sys.stderr,
               check: bool = True) -> list[dict]:
     """Time every case (after checking its result). Returns one dict per case.
 
-    The copy of each tensor size is measured before and after its group of cases and the
-    faster of the two is the roofline, so a burst of load on the machine moves it less.
+    Each case is timed together with its yardstick, the fastest way to copy a tensor of its
+    size (chosen once per group of cases), their calls alternating (see measure_paired): the
+    x copy ratio compares two times taken on the same machine state.
     """
     reg.set_threads(threads)
-    copies: dict = {}
     results = []
-
-    def copy_for(case):
-        nbytes = case.nbytes
-        fresh = measure_copy(np.ones(nbytes, dtype=np.uint8), threads, min_time)
-        if nbytes not in copies or fresh["time"] < copies[nbytes]["time"]:
-            copies[nbytes] = fresh
+    copier = None
 
     for i, case in enumerate(cases, 1):
         row = {"op": case.op, "shape": case.shape, "dims": list(case.shape_info.dims),
@@ -205,8 +209,9 @@ def run_cases(cases, threads: int, min_time: float = 0.2, progress=sys.stderr,
                   f"{reg.backend_label(case.backend):<15}", end="")
         key = (case.shape, case.layout, case.dtype)
         try:
-            if case.nbytes not in copies:
-                copy_for(case)
+            if copier is None:
+                copier = Copier(np.ones(case.nbytes, dtype=np.uint8), threads)
+                copy_method, copy_fn, _ = fastest_copy(copier, min_time / 2)
             prepared = reg.prepare(case)
             row["out"] = prepared.out is not None
             prepared()  # warm up (compiles Numba, JAX)
@@ -220,10 +225,13 @@ def run_cases(cases, threads: int, min_time: float = 0.2, progress=sys.stderr,
             else:
                 prepared()
                 row["error"] = None
-            t = measure(prepared, min_time, first=time.perf_counter() - start)
+            t, c = measure_paired(prepared, copy_fn, min_time,
+                                  first=time.perf_counter() - start)
             del prepared
             row.update(time=t["best"], median=t["median"], samples=t["samples"] * t["number"],
-                       gbps=case.bytes_moved / t["best"] / 1e9, status="ok")
+                       gbps=case.bytes_moved / t["best"] / 1e9, status="ok",
+                       copy_time=c["best"], copy_method=copy_method,
+                       copy_gbps=2 * case.nbytes / c["best"] / 1e9, x_copy=t["best"] / c["best"])
             if progress is not None:
                 print(f" {t['best'] * 1e3:10.3f} ms", file=progress, flush=True)
         except Exception as exc:  # noqa: BLE001 -- one failing case must not stop the report
@@ -234,15 +242,10 @@ def run_cases(cases, threads: int, min_time: float = 0.2, progress=sys.stderr,
         last_of_group = i == len(cases) or (
             cases[i].shape, cases[i].layout, cases[i].dtype) != key
         if last_of_group:
-            copy_for(case)  # again after the group
+            if copier is not None:
+                copier.close()
+            copier = None
             gc.collect()
-    for row in results:
-        copy = copies.get(row["nbytes"])
-        if copy is not None:
-            row.update(copy_time=copy["time"], copy_method=copy["method"],
-                       copy_gbps=copy["gbps"])
-            if row["status"] == "ok":
-                row["x_copy"] = row["time"] / copy["time"]
     _add_ratios(results)
     return results
 
@@ -326,8 +329,9 @@ def markdown_table(results: list[dict]) -> str:
 def copy_table(results: list[dict], markdown=False) -> str:
     seen = {}
     for r in results:
-        if "copy_time" in r:
-            seen[(r["shape"], r["layout"], r["dtype"], r["threads"])] = r
+        key = (r["shape"], r["layout"], r["dtype"], r["threads"])
+        if "copy_time" in r and (key not in seen or r["copy_time"] < seen[key]["copy_time"]):
+            seen[key] = r
     lines = []
     head = ("shape", "layout", "dtype", "threads", "copy time", "copy GB/s", "method")
     for (shape, layout, dtype, threads), r in seen.items():
@@ -346,9 +350,10 @@ LEGEND = (
     "time: best of repeated calls. GB/s: the operation's minimum memory traffic (train, infer,\n"
     "affine_relu: read x + write y; residual_relu, backward: 2 reads + 1 write; moments: read x)\n"
     "divided by the time. x copy: time / time of a copy of the same tensor into a preallocated\n"
-    "buffer with the same thread count, measured in this run (the memory roofline; fastest of a\n"
-    "ThreadPoolExecutor of np.copyto chunks, torch copy_, fastbn's OpenMP parallel_copy and\n"
-    "single-threaded np.copyto).\n"
+    "buffer with the same thread count, the two timed with their calls alternating (the memory\n"
+    "roofline; fastest of a ThreadPoolExecutor of np.copyto chunks, torch copy_, fastbn's\n"
+    "OpenMP parallel_copy and single-threaded np.copyto). The roofline table: the fastest copy\n"
+    "of each tensor.\n"
     "vs naive / vs torch: that backend's time / this row's time (> 1: this row is faster).\n"
     "*: allocates its result (no out=). check: the result matched fastbn's NumPy reference\n"
     "(max error / max(1, |reference|) <= 1e-4 for float32, 1e-9 for float64; 'off by' shows a\n"
