@@ -17,7 +17,8 @@ shift is the channel's first value (a constant channel gets an exact mean and ze
 float32 data is summed in float32 over short runs first, each run centred on its own mean (so no
 cancellation) and added into float64 every 8 values per lane; measured error against exact
 float64 statistics: mean 1e-9 standard deviations, M2 2e-9 to 4e-8 relative. Runs whose float32
-sums are not finite or underflow are redone in float64 (see fastbn_span_sums_f32).
+sums are not finite or underflow are redone in float64 (see fastbn_span_sums_f32). Channels-last
+float32 data with 64 or more channels is summed in float64 lanes directly (_cl_block_moments).
 Normalization computes ``((x - mean_hi) - mean_lo) * scale + shift`` in the data's dtype, where
 ``mean_hi + mean_lo`` is the float64 mean split into two numbers of that dtype, so the
 subtraction is exact even when ``|mean| >> std``.
