@@ -78,12 +78,13 @@ def test_matches_the_reference(shape, dtype):
 
 
 @pytest.mark.parametrize("shape", [(64, 400, 49), (48, 30, 2500)])
-def test_training_statistics_equal_moments_bitwise(shape):
+def test_training_statistics_equal_moments_bitwise(monkeypatch, shape):
     # The blocks depend on the shape only, not on the channel groups that training runs
     # (short rows; long rows whose units hold several channels, cut by the groups).
     outer, channels, inner = shape
     x = (np.random.default_rng(4).standard_normal(shape) * 3 + 5).astype(np.float32)
-    group = numba_kernels._group_channels(outer, inner, x.itemsize, 1, channels)
+    monkeypatch.setattr(numba_kernels, "GROUP_BYTES", 1 << 22)
+    group = numba_kernels._group_channels(outer, inner, x.itemsize, 1, channels, 1 << 22)
     assert group < channels
     assert group % numba_kernels._units(0, channels, outer, inner)[0] != 0
     count, mean, m2 = numba_kernels.moments(x, 2)
@@ -91,6 +92,27 @@ def test_training_statistics_equal_moments_bitwise(shape):
                                               None, False, np.empty_like(x), 2)
     assert tmean.tobytes() == mean.tobytes()
     assert tvar.tobytes() == (m2 / count).tobytes()
+
+
+@pytest.mark.parametrize("shape", [(64, 400, 49), (48, 30, 2500)])
+def test_channel_groups_do_not_change_results(monkeypatch, shape):
+    """Training forward and backward (ReLU-masked) run group by group; results are those of
+    one group holding every channel, bit for bit."""
+    rng = np.random.default_rng(6)
+    x = (rng.standard_normal(shape) * 3 + 5).astype(np.float32)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    c = shape[1]
+    w, b = np.linspace(0.5, 1.5, c), np.linspace(-1, 1, c)
+
+    def run(group_bytes):
+        monkeypatch.setattr(numba_kernels, "GROUP_BYTES", group_bytes)
+        y, dx = np.empty_like(x), np.empty_like(x)
+        mean, var = numba_kernels.train_forward(x, w, b, 1e-5, None, True, y, 2)
+        sums = numba_kernels.backward(dy, x, mean, 1 / np.sqrt(var + 1e-5), w, y, True, dx, 2)
+        return [mean, var, y, dx, *sums]
+
+    for got, want in zip(run(1 << 22), run(1 << 40)):
+        assert got.tobytes() == want.tobytes()
 
 
 def test_num_threads_is_applied_and_restored():
