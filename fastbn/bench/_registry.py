@@ -638,32 +638,38 @@ def measure(fn, min_time: float = 0.2, min_repeat: int = 3, max_repeat: int = 10
             "number": number}
 
 
-def measure_paired(fn, yardstick, min_time: float = 0.2, min_repeat: int = 3,
-                   max_repeat: int = 10000, first: float | None = None) -> tuple[dict, dict]:
-    """`measure` of `fn` and of `yardstick`, their batches alternating: both see the same
-    machine. (The memory bandwidth of a shared VM drifts by up to 2x within seconds; a
-    yardstick timed at another moment than the case made ratios of the same kernel move by
-    that much between runs.)"""
+def measure_interleaved(fns: list, min_time: float = 0.2, min_repeat: int = 3,
+                        firsts: list | None = None) -> list[dict]:
+    """`measure` of several functions with their batches interleaved, round by round, so that
+    all of them see the same machine. (The memory bandwidth of a shared VM drifts by up to 2x
+    within seconds: timed one after the other, the same kernel's ratio to a copy or to PyTorch
+    moved by that much between runs.) Stops once the fastest function has run for `min_time`
+    and every function `min_repeat` times. Each timed batch follows an untimed call of the
+    same function, so that tensors that fit in the cache are timed from the cache, as when
+    timed alone."""
     def once(f):
         start = time.perf_counter()
         f()
         return time.perf_counter() - start
-    if first is None:
-        first = once(fn)
-    numbers = [max(1, int(5e-4 / max(t, 1e-9))) if t < 5e-4 else 1
-               for t in (first, once(yardstick))]
-    samples: list[list[float]] = [[], []]
-    total = 0.0
-    while len(samples[0]) < min_repeat or (total < min_time and len(samples[0]) < max_repeat):
-        for k, (f, number) in enumerate(zip((fn, yardstick), numbers)):
+    firsts = list(firsts) if firsts is not None else [None] * len(fns)
+    firsts = [once(f) if t is None else t for f, t in zip(fns, firsts)]
+    numbers = [max(1, int(5e-4 / max(t, 1e-9))) if t < 5e-4 else 1 for t in firsts]
+    samples: list[list[float]] = [[] for _ in fns]
+    spent = [0.0 for _ in fns]
+    while len(samples[0]) < min_repeat or min(spent) < min_time and max(
+            len(s) for s in samples) < 10000:
+        for k, (f, number) in enumerate(zip(fns, numbers)):
+            f()  # untimed: brings its data back into the caches the others used
             start = time.perf_counter()
             for _ in range(number):
                 f()
             elapsed = time.perf_counter() - start
             samples[k].append(elapsed / number)
-            total += elapsed if k == 0 else 0.0
-    return tuple({"best": min(s), "median": float(np.median(s)), "samples": len(s),
-                  "number": number} for s, number in zip(samples, numbers))
+            spent[k] += elapsed
+        if len(samples[0]) >= min_repeat and max(spent) > 50 * min_time:
+            break  # a slow function (naive NumPy) has had its share
+    return [{"best": min(s), "median": float(np.median(s)), "samples": len(s), "number": n}
+            for s, n in zip(samples, numbers)]
 
 
 def set_threads(n: int) -> None:

@@ -27,7 +27,7 @@ import fastbn
 from fastbn._config import last_level_cache_bytes
 
 from . import _registry as reg
-from ._registry import measure, measure_paired
+from ._registry import measure, measure_interleaved
 
 # ----------------------------------------------------------------------------- the machine
 
@@ -192,58 +192,75 @@ def run_cases(cases, threads: int, min_time: float = 0.2, progress=sys.stderr,
               check: bool = True) -> list[dict]:
     """Time every case (after checking its result). Returns one dict per case.
 
-    Each case is timed together with its yardstick, the fastest way to copy a tensor of its
-    size (chosen once per group of cases), their calls alternating (see measure_paired): the
-    x copy ratio compares two times taken on the same machine state.
+    The cases of one operation on a tensor larger than the last-level cache (every backend)
+    are timed together with their yardstick, the fastest way to copy a tensor of that size,
+    their calls interleaved round by round (see measure_interleaved): the x copy, vs naive and
+    vs torch ratios compare times taken on the same state of the memory system. Smaller
+    tensors are timed backend by backend, each interleaved with the copy only, so that they
+    run from the cache as they would alone.
     """
     reg.set_threads(threads)
-    results = []
-    copier = None
-
-    for i, case in enumerate(cases, 1):
-        row = {"op": case.op, "shape": case.shape, "dims": list(case.shape_info.dims),
-               "layout": case.layout, "dtype": case.dtype, "backend": case.backend,
-               "threads": threads, "bytes": case.bytes_moved, "nbytes": case.nbytes}
-        _progress(progress, i, len(cases),
-                  f"{case.op:<13} {case.shape:<17} {case.layout} {case.dtype} "
-                  f"{reg.backend_label(case.backend):<15}", end="")
-        key = (case.shape, case.layout, case.dtype)
-        try:
-            if copier is None:
-                copier = Copier(np.ones(case.nbytes, dtype=np.uint8), threads)
-                copy_method, copy_fn, _ = fastest_copy(copier, min_time / 2)
-            prepared = reg.prepare(case)
-            row["out"] = prepared.out is not None
-            prepared()  # warm up (compiles Numba, JAX)
-            if check:
-                reg.reference(case)  # computed once per group, outside the time estimate
-            start = time.perf_counter()
-            if check:
-                # Other libraries' accuracy is reported, fastbn's is required.
-                row["error"] = prepared.check(strict=case.backend in reg.FASTBN_BACKENDS)
-                row["tolerance"] = prepared.tolerance()
-            else:
-                prepared()
-                row["error"] = None
-            t, c = measure_paired(prepared, copy_fn, min_time,
-                                  first=time.perf_counter() - start)
-            del prepared
+    results: list[dict] = []
+    copier = copy_method = copy_fn = None
+    i = 0
+    while i < len(cases):
+        first = cases[i]
+        key = (first.shape, first.layout, first.dtype)
+        j = i
+        while j < len(cases) and (cases[j].op,) + (cases[j].shape, cases[j].layout,
+                                                    cases[j].dtype) == (first.op,) + key:
+            j += 1
+        if copier is None:
+            copier = Copier(np.ones(first.nbytes, dtype=np.uint8), threads)
+            copy_method, copy_fn, _ = fastest_copy(copier, min_time / 2)
+        rows, timed = [], []  # timed: (row, prepared, time of its check call)
+        for n, case in enumerate(cases[i:j], i + 1):
+            row = {"op": case.op, "shape": case.shape, "dims": list(case.shape_info.dims),
+                   "layout": case.layout, "dtype": case.dtype, "backend": case.backend,
+                   "threads": threads, "bytes": case.bytes_moved, "nbytes": case.nbytes}
+            rows.append(row)
+            _progress(progress, n, len(cases),
+                      f"{case.op:<13} {case.shape:<17} {case.layout} {case.dtype} "
+                      f"{reg.backend_label(case.backend):<15}")
+            try:
+                prepared = reg.prepare(case)
+                row["out"] = prepared.out is not None
+                prepared()  # warm up (compiles Numba, JAX)
+                if check:
+                    reg.reference(case)  # computed once per group, outside the time estimate
+                start = time.perf_counter()
+                if check:
+                    # Other libraries' accuracy is reported, fastbn's is required.
+                    row["error"] = prepared.check(strict=case.backend in reg.FASTBN_BACKENDS)
+                    row["tolerance"] = prepared.tolerance()
+                else:
+                    prepared()
+                    row["error"] = None
+                timed.append((row, prepared, time.perf_counter() - start))
+            except Exception as exc:  # noqa: BLE001 -- one failing case must not stop the report
+                row.update(status=f"{type(exc).__name__}: {exc}")
+                if progress is not None:
+                    print(f"    FAILED {row['status'][:200]}", file=progress, flush=True)
+        if 2 * first.nbytes > last_level_cache_bytes():
+            # From memory: every backend and the copy interleaved (the bandwidth drifts).
+            stats = measure_interleaved([p for _, p, _ in timed] + [copy_fn], min_time,
+                                        firsts=[t for _, _, t in timed] + [None])
+            pairs = [(t, stats[-1]) for t in stats[:-1]]
+        else:
+            # From the cache: each backend with the copy only (the others' data would evict
+            # its own, and a tensor that fits in the cache does not see the drift).
+            pairs = [tuple(measure_interleaved([p, copy_fn], min_time, firsts=[t, None]))
+                     for _, p, t in timed]
+        for (row, _, _), (t, c) in zip(timed, pairs):
             row.update(time=t["best"], median=t["median"], samples=t["samples"] * t["number"],
-                       gbps=case.bytes_moved / t["best"] / 1e9, status="ok",
+                       gbps=row["bytes"] / t["best"] / 1e9, status="ok",
                        copy_time=c["best"], copy_method=copy_method,
-                       copy_gbps=2 * case.nbytes / c["best"] / 1e9, x_copy=t["best"] / c["best"])
-            if progress is not None:
-                print(f" {t['best'] * 1e3:10.3f} ms", file=progress, flush=True)
-        except Exception as exc:  # noqa: BLE001 -- one failing case must not stop the report
-            row.update(status=f"{type(exc).__name__}: {exc}")
-            if progress is not None:
-                print(f" FAILED {row['status'][:200]}", file=progress, flush=True)
-        results.append(row)
-        last_of_group = i == len(cases) or (
-            cases[i].shape, cases[i].layout, cases[i].dtype) != key
-        if last_of_group:
-            if copier is not None:
-                copier.close()
+                       copy_gbps=2 * row["nbytes"] / c["best"] / 1e9, x_copy=t["best"] / c["best"])
+        del timed
+        results.extend(rows)
+        i = j
+        if i == len(cases) or (cases[i].shape, cases[i].layout, cases[i].dtype) != key:
+            copier.close()
             copier = None
             gc.collect()
     _add_ratios(results)
@@ -350,10 +367,11 @@ LEGEND = (
     "time: best of repeated calls. GB/s: the operation's minimum memory traffic (train, infer,\n"
     "affine_relu: read x + write y; residual_relu, backward: 2 reads + 1 write; moments: read x)\n"
     "divided by the time. x copy: time / time of a copy of the same tensor into a preallocated\n"
-    "buffer with the same thread count, the two timed with their calls alternating (the memory\n"
-    "roofline; fastest of a ThreadPoolExecutor of np.copyto chunks, torch copy_, fastbn's\n"
-    "OpenMP parallel_copy and single-threaded np.copyto). The roofline table: the fastest copy\n"
-    "of each tensor.\n"
+    "buffer with the same thread count (the memory roofline; fastest of a ThreadPoolExecutor\n"
+    "of np.copyto chunks, torch copy_, fastbn's OpenMP parallel_copy and single-threaded\n"
+    "np.copyto), timed with calls interleaved: tensors above half the last-level cache with\n"
+    "every backend of the operation, smaller ones with each backend. The roofline table: the\n"
+    "fastest copy of each tensor.\n"
     "vs naive / vs torch: that backend's time / this row's time (> 1: this row is faster).\n"
     "*: allocates its result (no out=). check: the result matched fastbn's NumPy reference\n"
     "(max error / max(1, |reference|) <= 1e-4 for float32, 1e-9 for float64; 'off by' shows a\n"
