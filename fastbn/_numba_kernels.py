@@ -21,16 +21,17 @@ Numerics
 Channels-first blocks
 ---------------------
 Block j of a channel is a run of images n (one image for rows longer than ``RUN``, and a piece
-of its row for rows longer than ``BLOCK``), about ``BLOCK`` values at most; its shifted sums go to the slot (channel, j). The work is shared out
-in units that read memory in order. With short rows (``inner <= RUN``, e.g. 7x7 images) a unit is
-one block of ``RUN // inner`` adjacent channels, whose rows form one contiguous run per image; its
-lanes run across that run with one shift, mean or constant per element, so a 49-value row costs no
-call, no remainder loop and no lane reset. With long rows a block is one image's row (or a piece
-of it), cut into rows of ``LANES`` lanes, and a unit is the blocks of ``LONG_RUN // inner``
-adjacent channels of one image: the units follow memory order. Every lane belongs to one channel, so how channels are shared
-out never changes a result (moments and training give the same statistics). Training forward and
-backward run channel group by channel group (``GROUP_BYTES`` of input), so that the second pass
-over a group finds it in cache.
+of its row for rows longer than ``BLOCK``), about ``BLOCK`` values at most; its shifted sums go
+to the slot (channel, j). The work is shared out in units that read memory in order. With short
+rows (``inner <= RUN``, e.g. 7x7 images) a unit is one block of ``RUN // inner`` adjacent
+channels, whose rows form one contiguous run per image; its lanes run across that run with one
+shift, mean or constant per element, so a 49-value row costs no call, no remainder loop and no
+lane reset. With long rows a block is one image's row (or a piece of it), cut into rows of
+``LANES`` lanes, and a unit is the blocks of ``LONG_RUN // inner`` adjacent channels of one
+image: the units follow memory order. Every lane belongs to one channel, so how channels are
+shared out never changes a result (moments and training give the same statistics). Training
+forward and backward run channel group by channel group (``GROUP_BYTES`` of input), so that
+the second pass over a group finds it in cache.
 
 Threading layer
 ---------------
@@ -390,6 +391,8 @@ def _stream_head(arr, start, n):
 
 @njit(**_JIT)
 def _wrap(column, period):
+    """column modulo period (when period > 0) for a column at most one vector past it, by
+    subtraction: an integer division per vector costs about as much as the vector's work."""
     if period > 0:
         while column >= period:
             column -= period
