@@ -1,6 +1,7 @@
 """``fastbn.show_config()``: what this installation can do, reported from what is loaded."""
 from __future__ import annotations
 
+import functools
 import glob
 import os
 import platform
@@ -29,6 +30,7 @@ def _cache_size_bytes(text: str) -> int:
     return int(text.rstrip("KMG")) * scale
 
 
+@functools.cache
 def last_level_cache_bytes() -> int:
     """Size of the CPU's last-level data cache (Linux sysfs), or 8 MB when it cannot be read.
 
@@ -51,6 +53,7 @@ def last_level_cache_bytes() -> int:
     return size or DEFAULT_LAST_LEVEL_CACHE
 
 
+@functools.cache
 def _cpu_vendor_family() -> tuple[str, int]:
     """('AuthenticAMD', 23) and the like from /proc/cpuinfo; ('', 0) when it cannot be read."""
     vendor, family = "", 0

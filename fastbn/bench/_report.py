@@ -171,16 +171,6 @@ def fastest_copy(copier: Copier, min_time: float) -> tuple[str, object, dict]:
     return method, methods[method], timings
 
 
-def measure_copy(x: np.ndarray, threads: int, min_time: float) -> dict:
-    copier = Copier(x, threads)
-    try:
-        method, _, timings = fastest_copy(copier, min_time)
-    finally:
-        copier.close()
-    return {"time": timings[method], "method": method, "all": timings,
-            "gbps": 2 * x.nbytes / timings[method] / 1e9}
-
-
 # ----------------------------------------------------------------------------- running
 
 def _progress(stream, i, total, text, end="\n"):
