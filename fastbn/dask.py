@@ -261,9 +261,12 @@ def _per_block(func, x: da.Array, channel_axis: int, vectors: list, **kwargs) ->
     args: list = [x, index]
     for v in vectors:
         args += [v, None] if v is None else [v, (channel_axis,)]
+    # token, not name: blockwise takes `name` as the output's key as it is, so two calls on
+    # different arrays shared keys, and a distributed scheduler that still held the first
+    # call's blocks served them to the second (a flaky wrong-shape failure in test_dask).
     return da.blockwise(_Partial(func, channel_axis=channel_axis, **kwargs), index, *args,
                         dtype=_result_dtype(x), meta=np.empty((0,) * x.ndim, _result_dtype(x)),
-                        name=f"fastbn-{func.__name__.lstrip('_')}")
+                        token=f"fastbn-{func.__name__.lstrip('_')}")
 
 
 def batch_norm(x: da.Array, running_mean: ArrayLike | None = None,

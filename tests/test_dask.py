@@ -122,6 +122,18 @@ def test_lazy_moments_and_integer_and_empty_blocks(client):
     np.testing.assert_allclose(y, fastbn.batch_norm(ints, None, None, training=True))
 
 
+def test_outputs_of_different_inputs_have_different_keys(data):
+    """Per-block results are keyed by their inputs: a scheduler that still holds the blocks of
+    one call must not serve them to another (it did, with fixed key names)."""
+    stats = (np.zeros(6), np.ones(6))
+    a = fd.batch_norm(da.from_array(data, chunks=(5, 2, 3, 4)), *stats)
+    b = fd.batch_norm(da.from_array(data, chunks=(7, 3, 2, 2)), *stats)
+    c = fd.batch_norm(da.from_array(data, chunks=(5, 2, 3, 4)), *stats, eps=1e-3)
+    assert len({a.name, b.name, c.name}) == 3
+    assert fd.affine(da.from_array(data, chunks=(5, 2, 3, 4)), np.ones(6), np.zeros(6)).name \
+        != fd.affine(da.from_array(data, chunks=(7, 3, 2, 2)), np.ones(6), np.zeros(6)).name
+
+
 def test_graph_is_per_block(data):
     """The graph: one fused task per block, then small reductions (no whole-array task)."""
     x = da.from_array(data, chunks=(5, 2, 3, 4))
