@@ -613,6 +613,11 @@ def prepare(case: Case, allocate: bool = False) -> Prepared:
     return Prepared(case, run, out)
 
 
+def _calls_per_sample(first: float) -> int:
+    """Calls per timed sample: calls shorter than 0.5 ms are timed in batches of about 0.5 ms."""
+    return max(1, int(5e-4 / max(first, 1e-9))) if first < 5e-4 else 1
+
+
 def measure(fn, min_time: float = 0.2, min_repeat: int = 3, max_repeat: int = 10000,
             first: float | None = None) -> dict:
     """Best and median time of one call of `fn` (already warmed up).
@@ -624,7 +629,7 @@ def measure(fn, min_time: float = 0.2, min_repeat: int = 3, max_repeat: int = 10
         start = time.perf_counter()
         fn()
         first = time.perf_counter() - start
-    number = max(1, int(5e-4 / max(first, 1e-9))) if first < 5e-4 else 1
+    number = _calls_per_sample(first)
     samples = []
     total = 0.0
     while len(samples) < min_repeat or (total < min_time and len(samples) < max_repeat):
@@ -653,7 +658,7 @@ def measure_interleaved(fns: list, min_time: float = 0.2, min_repeat: int = 3,
         return time.perf_counter() - start
     firsts = list(firsts) if firsts is not None else [None] * len(fns)
     firsts = [once(f) if t is None else t for f, t in zip(fns, firsts)]
-    numbers = [max(1, int(5e-4 / max(t, 1e-9))) if t < 5e-4 else 1 for t in firsts]
+    numbers = [_calls_per_sample(t) for t in firsts]
     samples: list[list[float]] = [[] for _ in fns]
     spent = [0.0 for _ in fns]
     while len(samples[0]) < min_repeat or min(spent) < min_time and max(
