@@ -1060,20 +1060,25 @@ cdef inline void _cl_block_moments(const float* x, Py_ssize_t rows, Py_ssize_t C
                                    const double* center, double* p1,
                                    double* p2) noexcept nogil:
     """float64 sums of x - center and its square over one block of float32 rows, in memory
-    order, four rows per update of the accumulators (vectorized across the channels)."""
+    order, eight rows per update of the accumulators (vectorized across the channels)."""
     cdef Py_ssize_t r = 0, c
     cdef const float* x0
-    cdef double d0, d1, d2, d3
-    while r + 4 <= rows:
+    cdef double d0, d1, d2, d3, d4, d5, d6, d7
+    while r + 8 <= rows:
         x0 = x + r * C
         for c in range(C):
             d0 = <double> x0[c] - center[c]
             d1 = <double> x0[C + c] - center[c]
             d2 = <double> x0[2 * C + c] - center[c]
             d3 = <double> x0[3 * C + c] - center[c]
-            p1[c] += (d0 + d1) + (d2 + d3)
-            p2[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
-        r += 4
+            d4 = <double> x0[4 * C + c] - center[c]
+            d5 = <double> x0[5 * C + c] - center[c]
+            d6 = <double> x0[6 * C + c] - center[c]
+            d7 = <double> x0[7 * C + c] - center[c]
+            p1[c] += ((d0 + d1) + (d2 + d3)) + ((d4 + d5) + (d6 + d7))
+            p2[c] += (((d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3))
+                      + ((d4 * d4 + d5 * d5) + (d6 * d6 + d7 * d7)))
+        r += 8
     while r < rows:
         x0 = x + r * C
         for c in range(C):

@@ -119,25 +119,35 @@ _PARALLEL = dict(parallel=True, cache=True, nogil=True)
 def _lanes_moments(xf, start, rows, stride, width, shiftv, s, q):
     """Accumulate the rows into lanes s, q: s[k] += x - shift[k], q[k] += (x - shift[k])**2.
 
-    In float64; four rows are combined per update so the lanes are loaded and stored once per
-    four elements.
+    In float64; eight rows are combined per update, so the lanes are loaded and stored once
+    per eight elements and the loop's set-up (LLVM's alias checks) is paid once per eight
+    rows (four rows per update: 401408x64 channels-last moments 3.5 ms, eight: see the note).
     """
     r = 0
-    while r + 4 <= rows:
+    while r + 8 <= rows:
         b = start + r * stride
         x0 = xf[b:b + width]
         x1 = xf[b + stride:b + stride + width]
         x2 = xf[b + 2 * stride:b + 2 * stride + width]
         x3 = xf[b + 3 * stride:b + 3 * stride + width]
+        x4 = xf[b + 4 * stride:b + 4 * stride + width]
+        x5 = xf[b + 5 * stride:b + 5 * stride + width]
+        x6 = xf[b + 6 * stride:b + 6 * stride + width]
+        x7 = xf[b + 7 * stride:b + 7 * stride + width]
         for k in range(width):
             sh = shiftv[k]
             d0 = x0[k] - sh
             d1 = x1[k] - sh
             d2 = x2[k] - sh
             d3 = x3[k] - sh
-            s[k] += (d0 + d1) + (d2 + d3)
-            q[k] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
-        r += 4
+            d4 = x4[k] - sh
+            d5 = x5[k] - sh
+            d6 = x6[k] - sh
+            d7 = x7[k] - sh
+            s[k] += ((d0 + d1) + (d2 + d3)) + ((d4 + d5) + (d6 + d7))
+            q[k] += (((d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3))
+                     + ((d4 * d4 + d5 * d5) + (d6 * d6 + d7 * d7)))
+        r += 8
     while r < rows:
         x0 = xf[start + r * stride:start + r * stride + width]
         for k in range(width):
