@@ -796,6 +796,12 @@ DEF ALIAS_WINDOW = 128                   # bytes; see _aliases
 # 400000x8 0.12 -> 0.30, 1000000x32 1.91 -> 2.54, 70000x48 0.131 -> 0.130. (float64 data keeps
 # _cl_block_wide: the lanes gave 100352x256 5.2 -> 9.3 ms.)
 DEF LANES_FROM = 64
+# Their (unmasked) gradient sums too, from the cache; for data from memory (streamed outputs)
+# only from this many channels on. Backward in ms, register tiles -> lanes: from the cache
+# 8x56x56x64 0.221 -> 0.213, 32x7x7x1280 0.441 -> 0.350, 32x14x14x576 1.19 -> 0.90; from memory
+# 12544x2048 12.4 -> 10.1, 64x7x7x2048 3.1 -> 2.6, but 50176x512 6.3 -> 6.7, 401408x64 8.5 ->
+# 9.9, 100352x256 8.6 -> 9.6.
+DEF GRAD_LANES_STREAMED = 1024
 DEF ROW_TASKS = 16                       # see _set_group
 DEF LONG_SPAN = 256                      # channels-first rows this long: one run per row
 DEF PARAM_PAD = 8                        # lanes of the widest vector (float32)
@@ -1088,6 +1094,37 @@ cdef inline void _cl_block_moments(const float* x, Py_ssize_t rows, Py_ssize_t C
         r += 1
 
 
+cdef inline void _cl_block_grad(const float* dy, const float* x, Py_ssize_t rows,
+                                Py_ssize_t C, const double* mean, double* p1,
+                                double* p2) noexcept nogil:
+    """float64 gradient sums, sum(dy) and sum(dy * (x - mean)), over one block of float32 rows
+    in memory order, eight rows per update of the accumulators (as _cl_block_moments)."""
+    cdef Py_ssize_t r = 0, c
+    cdef const float* x0
+    cdef const float* g
+    cdef double m, g0, g1, g2, g3, g4, g5, g6, g7
+    while r + 8 <= rows:
+        x0 = x + r * C
+        g = dy + r * C
+        for c in range(C):
+            m = mean[c]
+            g0, g1, g2, g3 = <double> g[c], <double> g[C + c], <double> g[2 * C + c], <double> g[3 * C + c]
+            g4, g5, g6, g7 = <double> g[4 * C + c], <double> g[5 * C + c], <double> g[6 * C + c], <double> g[7 * C + c]
+            p1[c] += ((g0 + g1) + (g2 + g3)) + ((g4 + g5) + (g6 + g7))
+            p2[c] += (((g0 * (x0[c] - m) + g1 * (x0[C + c] - m))
+                       + (g2 * (x0[2 * C + c] - m) + g3 * (x0[3 * C + c] - m)))
+                      + ((g4 * (x0[4 * C + c] - m) + g5 * (x0[5 * C + c] - m))
+                         + (g6 * (x0[6 * C + c] - m) + g7 * (x0[7 * C + c] - m))))
+        r += 8
+    while r < rows:
+        x0 = x + r * C
+        g = dy + r * C
+        for c in range(C):
+            p1[c] += <double> g[c]
+            p2[c] += <double> g[c] * (x0[c] - mean[c])
+        r += 1
+
+
 cdef void _cl_partials(const floating* x, const floating* dy, const floating* output,
                        Layout L, const double* center, double* part1,
                        double* part2) noexcept nogil:
@@ -1101,6 +1138,10 @@ cdef void _cl_partials(const floating* x, const floating* dy, const floating* ou
         offset = blk * L.block_rows * C
         if floating is float and dy == NULL and C >= LANES_FROM:
             _cl_block_moments(x + offset, rows, C, center, part1 + blk * C, part2 + blk * C)
+        elif (floating is float and dy != NULL and output == NULL and C >= LANES_FROM
+              and (not L.stream or C >= GRAD_LANES_STREAMED)):
+            _cl_block_grad(dy + offset, x + offset, rows, C, center, part1 + blk * C,
+                           part2 + blk * C)
         elif floating is float and dy != NULL and L.stream:
             fastbn_rows_grad_stream_f32(dy + offset, x + offset,
                                         NULL if output == NULL else output + offset, rows, C,

@@ -157,6 +157,45 @@ def test_moments_match_reference(backend, rng):
 
 
 # Outputs above 4 MB take the streamed (non-temporal store) path: long rows split into tiles,
+@pytest.mark.parametrize("stream_above", [0, 1 << 40])
+@pytest.mark.parametrize("channels", [64, 97, 1030])
+def test_channels_last_float32_gradient_lanes(fast_backend, rng, channels, stream_above):
+    """Wide channels-last float32 gradient sums in float64 lanes, eight rows at a time (Cython:
+    from the cache, or from memory with 1024+ channels): rows that are not a multiple of eight,
+    a NaN channel kept to itself, a gradient that underflows in float32; any thread count."""
+    x = (rng.standard_normal((101, channels)) * 3 + 100).astype(np.float32)
+    dy = rng.standard_normal((101, channels)).astype(np.float32)
+    x[:, 1] = np.nan
+    dy[:, 2] = 1e-36
+    mean = x.astype(np.float64).mean(axis=0)
+    invstd = np.ones(channels)
+    weight = rng.standard_normal(channels)
+    previous = None
+    if fast_backend == "cython":
+        from fastbn._kernels import _tuning
+        previous = _tuning(STREAM_ABOVE=stream_above)
+    try:
+        runs = []
+        for threads in (1, 2):
+            fastbn.set_num_threads(threads)
+            runs.append(fastbn.batch_norm_backward(dy, x, mean, invstd, weight, axis=-1,
+                                                   backend=fast_backend))
+    finally:
+        fastbn.set_num_threads(None)
+        if previous is not None:
+            _tuning(**previous)
+    want = fastbn.batch_norm_backward(dy, x, mean, invstd, weight, axis=-1, backend="numpy")
+    for got in runs:
+        assert np.isnan(got[0][:, 1]).all() and np.isnan(got[1][1])
+        keep = np.arange(channels) != 1
+        assert_close(got[0][:, keep], want[0][:, keep], np.float32)
+        np.testing.assert_allclose(got[1][keep], want[1][keep], rtol=1e-5, atol=1e-9)
+        np.testing.assert_allclose(got[2], want[2], rtol=1e-5, atol=1e-30)
+        assert got[2][2] != 0.0
+    for a, b in zip(*runs):
+        assert a.tobytes() == b.tobytes()
+
+
 # short rows packed into one tile, channels-last rows wider than a tile.
 LARGE_CASES = [((3, 5, 300, 301), 1), ((64, 2048, 9), 1), ((1100, 1030), 1), ((20000, 67), 1),
                ((40, 5, 97, 67), -1)]
@@ -333,8 +372,9 @@ def test_streamed_stores_equal_cached_stores(rng, dtype, shape, axis):
 
 @pytest.mark.parametrize("channels", [5, 40, 1030])
 def test_streamed_channels_last_gradient_sums_equal_cached(rng, channels):
-    """Large channels-last float32 backward reads the block in memory order (a different kernel
-    from the cached path's register tiles): the same sums bit for bit, including the channels
+    """Large channels-last float32 backward of fewer than 1024 channels reads the block in
+    memory order (a different kernel from the cached path's register tiles; from 64 channels on
+    the cached path uses float64 lanes): the same sums bit for bit, including the channels
     whose float32 sums fall back to float64 (NaN, a gradient that underflows)."""
     if "cython" not in fastbn.available_backends():
         pytest.skip("the cython backend is not built")
