@@ -1113,8 +1113,10 @@ cdef inline void _cl_block_grad(const float* dy, const float* x, Py_ssize_t rows
         g = dy + r * C
         for c in range(C):
             m = mean[c]
-            g0, g1, g2, g3 = <double> g[c], <double> g[C + c], <double> g[2 * C + c], <double> g[3 * C + c]
-            g4, g5, g6, g7 = <double> g[4 * C + c], <double> g[5 * C + c], <double> g[6 * C + c], <double> g[7 * C + c]
+            g0, g1 = <double> g[c], <double> g[C + c]
+            g2, g3 = <double> g[2 * C + c], <double> g[3 * C + c]
+            g4, g5 = <double> g[4 * C + c], <double> g[5 * C + c]
+            g6, g7 = <double> g[6 * C + c], <double> g[7 * C + c]
             p1[c] += ((g0 + g1) + (g2 + g3)) + ((g4 + g5) + (g6 + g7))
             p2[c] += (((g0 * (x0[c] - m) + g1 * (x0[C + c] - m))
                        + (g2 * (x0[2 * C + c] - m) + g3 * (x0[3 * C + c] - m)))
