@@ -94,6 +94,29 @@ def test_report_quick(tmp_path, capsys):
     assert "vs torch" in capsys.readouterr().out
 
 
+def test_readme_summary_is_rewritten_from_a_run(tmp_path):
+    """--readme replaces only the marked block, with one row per (shape, layout) that ran."""
+    json_path = tmp_path / "r.json"
+    _report.main(["--shapes", "bn1d,resnet-small", "--ops", "train,infer",
+                  "--backends", f"{fastbn.available_backends()[0]},naive", "--layouts", "nchw",
+                  "--min-time", "0.002",
+                  "--json", str(json_path), "-q"])
+    readme = tmp_path / "README.md"
+    readme.write_text(f"before\n{_report.README_START}\nstale table\n{_report.README_END}\nafter\n")
+    _report.main(["--from-json", str(json_path), "--readme", str(readme)])
+    text = readme.read_text()
+    assert text.startswith("before\n") and text.endswith(f"{_report.README_END}\nafter\n")
+    assert "stale" not in text and "| bn1d 256x1024 | nchw |" in text
+    assert "| resnet-small 8x64x56x56 | nchw |" in text and "x copy" in text
+    assert "x naive" in text and text.count("| nchw |") == 2
+    readme.write_text("no markers\n")
+    with pytest.raises(SystemExit, match="no .* block"):
+        _report.main(["--from-json", str(json_path), "--readme", str(readme)])
+    # The project README carries the block that the command rewrites.
+    project = (ROOT / "README.md").read_text()
+    assert project.index(_report.README_START) < project.index(_report.README_END)
+
+
 def test_report_scaling(tmp_path):
     argv = ["--scaling", "--threads", "2", "--shapes", "bn1d", "--ops", "infer",
             "--backends", f"{fastbn.available_backends()[0]},naive", "--min-time", "0.002",
