@@ -497,6 +497,72 @@ cdef extern from *:
             fastbn_rows_grad_wide_f32(dy, x, out, rows, C, c, mean, part1, part2);
     }
 
+    /* Channels-last float32 statistics of one block in memory order, as fastbn_rows_tile_f32
+       (float32 centers from the block's first rows, float32 sums of FLUSH rows, then float64)
+       but eight rows per pass over the row instead of one channel tile at a time: the eight
+       rows' sums stay in registers and only the float64 totals (in L1, FASTBN_COLS channels at
+       a time) are loaded and stored, once per eight rows. */
+    static void fastbn_rows_sums_mem_f32(const float *x, Py_ssize_t rows, Py_ssize_t C,
+                                         const double *shift, double *part1, double *part2) {
+        const fastbn_v8f zero = {0};
+        fastbn_v8f m[FASTBN_COLS / 8], u0, u1, u2, u3, u4, u5, u6, u7, s, q;
+        fastbn_v4d t1[FASTBN_COLS / 4], t2[FASTBN_COLS / 4];
+        double delta, sum1, sum2;
+        Py_ssize_t c0, w, k, c, r, j, o, sample, body = C / 8 * 8;
+        sample = FASTBN_SAMPLE_ROWS < rows ? FASTBN_SAMPLE_ROWS : rows;
+        for (c0 = 0; c0 < body && rows > 0; c0 += FASTBN_COLS) {
+            w = (body - c0 < FASTBN_COLS ? body - c0 : FASTBN_COLS) / 8;
+            for (k = 0; k < w; k++) {
+                memcpy(&m[k], x + c0 + 8 * k, 32);
+                s = zero;
+                for (r = 0; r < sample; r++) { memcpy(&u0, x + r * C + c0 + 8 * k, 32); s += u0 - m[k]; }
+                m[k] += s / (float)sample;
+            }
+            for (k = 0; k < 2 * w; k++) t1[k] = t2[k] = (fastbn_v4d){0, 0, 0, 0};
+            for (r = 0; r + 8 <= rows; r += 8) {
+                o = r * C + c0;
+                for (k = 0; k < w; k++, o += 8) {
+                    memcpy(&u0, x + o, 32); memcpy(&u1, x + o + C, 32);
+                    memcpy(&u2, x + o + 2 * C, 32); memcpy(&u3, x + o + 3 * C, 32);
+                    memcpy(&u4, x + o + 4 * C, 32); memcpy(&u5, x + o + 5 * C, 32);
+                    memcpy(&u6, x + o + 6 * C, 32); memcpy(&u7, x + o + 7 * C, 32);
+                    u0 -= m[k]; u1 -= m[k]; u2 -= m[k]; u3 -= m[k];
+                    u4 -= m[k]; u5 -= m[k]; u6 -= m[k]; u7 -= m[k];
+                    s = ((u0 + u1) + (u2 + u3)) + ((u4 + u5) + (u6 + u7));
+                    q = ((u0 * u0 + u1 * u1) + (u2 * u2 + u3 * u3))
+                        + ((u4 * u4 + u5 * u5) + (u6 * u6 + u7 * u7));
+                    fastbn_widen_add(t1 + 2 * k, s);
+                    fastbn_widen_add(t2 + 2 * k, q);
+                }
+            }
+            if (r < rows) {
+                for (k = 0; k < w; k++) {
+                    s = q = zero;
+                    for (j = r; j < rows; j++) {
+                        memcpy(&u0, x + j * C + c0 + 8 * k, 32);
+                        u0 -= m[k]; s += u0; q += u0 * u0;
+                    }
+                    fastbn_widen_add(t1 + 2 * k, s);
+                    fastbn_widen_add(t2 + 2 * k, q);
+                }
+            }
+            for (k = 0; k < 8 * w; k++) {
+                c = c0 + k;
+                sum1 = t1[k / 4][k % 4];
+                sum2 = t2[k / 4][k % 4];
+                if (!__builtin_isfinite(sum1) || !__builtin_isfinite(sum2) || sum2 < rows * 1e-30
+                        || sum1 * sum1 > sum2 * rows * (1.0 - 1.0 / FASTBN_CANCEL)) {
+                    fastbn_rows_sums_wide_f32(x, rows, C, c, shift, part1, part2);
+                    continue;
+                }
+                delta = (double)m[k / 8][k % 8] - shift[c];
+                part1[c] += sum1 + rows * delta;
+                part2[c] += sum2 + (2.0 * delta) * sum1 + rows * (delta * delta);
+            }
+        }
+        for (c = body; c < C; c++) fastbn_rows_sums_wide_f32(x, rows, C, c, shift, part1, part2);
+    }
+
     #define FASTBN_WIDE_PERIOD 64  /* channels-last rows this wide: see fastbn_affine_run */
     #define FASTBN_ELEMENTWISE(SUF, T, V, M, LANES)                                            \
     static inline V fastbn_load_##SUF(const T *p) { V v; memcpy(&v, p, sizeof v); return v; }   \
@@ -741,6 +807,8 @@ cdef extern from *:
     void fastbn_rows_grad_stream_f32(const float* dy, const float* x, const float* out,
                                      Py_ssize_t rows, Py_ssize_t C, const double* mean,
                                      double* part1, double* part2) noexcept nogil
+    void fastbn_rows_sums_mem_f32(const float* x, Py_ssize_t rows, Py_ssize_t C,
+                                  const double* shift, double* part1, double* part2) noexcept nogil
     void fastbn_affine_run_f32(const float* x, float* y, const float* r, bint relu, Py_ssize_t n,
                                const float* hi, const float* lo, const float* s, const float* t,
                                Py_ssize_t period, Py_ssize_t phase, bint stream) noexcept nogil
@@ -795,18 +863,24 @@ cdef Py_ssize_t GROUP_BYTES = last_level_cache_bytes() // 2
 cdef bint ALIAS_GUARD = streamed_store_alias_stall()
 DEF TILE_BYTES = 16384
 DEF ALIAS_WINDOW = 128                   # bytes; see _aliases
-# Channels-last float32 moments: float64 lanes in memory order from this many channels on,
-# float32 register tiles below. Measured on Zen 5 (AVX-512), moments in ms: 401408x64 4.37 ->
-# 2.49 (training 6.39 -> 4.89), 100352x256 4.56 -> 2.54, 3136x2048 0.78 -> 0.54; but
-# 400000x8 0.12 -> 0.30, 1000000x32 1.91 -> 2.54, 70000x48 0.131 -> 0.130. (float64 data keeps
-# _cl_block_wide: the lanes gave 100352x256 5.2 -> 9.3 ms.)
-DEF LANES_FROM = 64
+# Channels-last float32 moments from this many channels on: eight rows per pass over the row
+# (fastbn_rows_sums_mem_f32; float32 register tiles below), and from MEM_SUMS_BELOW channels
+# float64 lanes (_cl_block_moments). Measured on Zen 5 (AVX-512), tiles -> float64 lanes, ms:
+# 401408x64 4.37 -> 2.49, 100352x256 4.56 -> 2.54, 3136x2048 0.78 -> 0.54; but 400000x8 0.12
+# -> 0.30, 1000000x32 1.91 -> 2.54. On Zen 3 (AVX2), interleaved, lanes -> eight-row float32
+# passes, x copy: moments 401408x64 1.58 -> 1.36, 100352x256 1.84 -> 1.67, 25088x64 1.60 ->
+# 1.15, 12544x576 1.02 -> 0.98, 3136x2048 0.72 -> 1.01; training 32x112x112x64 2.54 -> 2.36,
+# 32x56x56x256 2.81 -> 2.52, 8x56x56x64 3.21 -> 2.63, 64x7x7x2048 2.21 -> 2.87 (few rows per
+# block: the centers' sample is a large share), 32x14x14x576 3.18 -> 3.21. (float64 data
+# keeps _cl_block_wide: the lanes gave 100352x256 5.2 -> 9.3 ms.)
+cdef Py_ssize_t LANES_FROM = 64
+cdef Py_ssize_t MEM_SUMS_BELOW = 512
 # Their (unmasked) gradient sums too, from the cache; for data from memory (streamed outputs)
 # only from this many channels on. Backward in ms, register tiles -> lanes: from the cache
 # 8x56x56x64 0.221 -> 0.213, 32x7x7x1280 0.441 -> 0.350, 32x14x14x576 1.19 -> 0.90; from memory
 # 12544x2048 12.4 -> 10.1, 64x7x7x2048 3.1 -> 2.6, but 50176x512 6.3 -> 6.7, 401408x64 8.5 ->
 # 9.9, 100352x256 8.6 -> 9.6.
-DEF GRAD_LANES_STREAMED = 1024
+cdef Py_ssize_t GRAD_LANES_STREAMED = 1024
 DEF ROW_TASKS = 16                       # see _set_group
 DEF LONG_SPAN = 256                      # channels-first rows this long: one run per row
 DEF PARAM_PAD = 8                        # lanes of the widest vector (float32)
@@ -815,8 +889,10 @@ DEF PARAM_PAD = 8                        # lanes of the widest vector (float32)
 def _tuning(**changes):
     """Read (and, for experiments, change) the tuning constants; returns the previous values."""
     global SEGMENT, ROW_BLOCK_BYTES, MAX_ROW_BLOCKS, GROUP_BYTES, SERIAL_BELOW, STREAM_ABOVE
-    global ALIAS_GUARD
-    previous = dict(SEGMENT=SEGMENT, ROW_BLOCK_BYTES=ROW_BLOCK_BYTES,
+    global ALIAS_GUARD, LANES_FROM, MEM_SUMS_BELOW, GRAD_LANES_STREAMED
+    previous = dict(LANES_FROM=LANES_FROM, MEM_SUMS_BELOW=MEM_SUMS_BELOW,
+                    GRAD_LANES_STREAMED=GRAD_LANES_STREAMED, SEGMENT=SEGMENT,
+                    ROW_BLOCK_BYTES=ROW_BLOCK_BYTES,
                     MAX_ROW_BLOCKS=MAX_ROW_BLOCKS, GROUP_BYTES=GROUP_BYTES,
                     SERIAL_BELOW=SERIAL_BELOW, STREAM_ABOVE=STREAM_ABOVE,
                     ALIAS_GUARD=ALIAS_GUARD)
@@ -830,6 +906,9 @@ def _tuning(**changes):
     SERIAL_BELOW = changes.get("SERIAL_BELOW", SERIAL_BELOW)
     STREAM_ABOVE = changes.get("STREAM_ABOVE", STREAM_ABOVE)
     ALIAS_GUARD = changes.get("ALIAS_GUARD", ALIAS_GUARD)
+    LANES_FROM = changes.get("LANES_FROM", LANES_FROM)
+    MEM_SUMS_BELOW = changes.get("MEM_SUMS_BELOW", MEM_SUMS_BELOW)
+    GRAD_LANES_STREAMED = changes.get("GRAD_LANES_STREAMED", GRAD_LANES_STREAMED)
     return previous
 
 
@@ -1143,7 +1222,10 @@ cdef void _cl_partials(const floating* x, const floating* dy, const floating* ou
     for blk in prange(L.nblocks, schedule="static", num_threads=L.threads):
         rows = min(L.outer, (blk + 1) * L.block_rows) - blk * L.block_rows
         offset = blk * L.block_rows * C
-        if floating is float and dy == NULL and C >= LANES_FROM:
+        if floating is float and dy == NULL and LANES_FROM <= C < MEM_SUMS_BELOW:
+            fastbn_rows_sums_mem_f32(x + offset, rows, C, center, part1 + blk * C,
+                                     part2 + blk * C)
+        elif floating is float and dy == NULL and C >= LANES_FROM:
             _cl_block_moments(x + offset, rows, C, center, part1 + blk * C, part2 + blk * C)
         elif (floating is float and dy != NULL and output == NULL and C >= LANES_FROM
               and (not L.stream or C >= GRAD_LANES_STREAMED)):
