@@ -196,6 +196,54 @@ def test_channels_last_float32_gradient_lanes(fast_backend, rng, channels, strea
         assert a.tobytes() == b.tobytes()
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("rows,channels", [(101, 1030), (3, 515), (256, 1024)])
+def test_few_wide_channels_last_rows(fast_backend, rng, dtype, rows, channels):
+    """Few rows of many channels (a BatchNorm1d batch; blocks of at least 32 rows in the Cython
+    backend, so 3 rows are one block): training forward with residual and ReLU, moments, full,
+    ReLU-masked and frozen backward against the reference, a NaN kept to its channel, a
+    constant channel, and the same bits for 1 and 2 threads."""
+    x = (rng.standard_normal((rows, channels)) * 3 + 100).astype(dtype)
+    x[:, 7] = np.nan
+    x[:, 9] = 2.5
+    residual = rng.standard_normal((rows, channels)).astype(dtype)
+    dy = rng.standard_normal((rows, channels)).astype(dtype)
+    weight, bias = rng.standard_normal(channels), rng.standard_normal(channels)
+    mean = np.nan_to_num(x.astype(np.float64).mean(axis=0))
+    invstd = rng.uniform(0.5, 2.0, channels)
+
+    def run(backend):
+        y, batch_mean, batch_invstd = fastbn.batch_norm(
+            x, None, None, weight, bias, True, residual=residual, activation="relu",
+            return_stats=True, backend=backend)
+        m = fastbn.moments(x, axis=1, backend=backend)
+        grads = [fastbn.batch_norm_backward(dy, x, mean, invstd, weight, output=output,
+                                            training=training, backend=backend)
+                 for output, training in ((None, True), (y, True), (None, False))]
+        return [y, batch_mean, batch_invstd, m.mean, m.m2] + [g for gs in grads for g in gs]
+
+    runs = []
+    for threads in (1, 2):
+        fastbn.set_num_threads(threads)
+        try:
+            runs.append(run(fast_backend))
+        finally:
+            fastbn.set_num_threads(None)
+    want = run("numpy")
+    keep = np.arange(channels) != 7
+    for got_value, want_value in zip(runs[0], want):
+        assert np.isnan(got_value[..., 7]).all() == np.isnan(want_value[..., 7]).all()
+        got_kept, want_kept = got_value[..., keep], want_value[..., keep]
+        if got_kept.ndim == 2:
+            assert_close(got_kept, want_kept, dtype)
+        else:
+            scale = np.abs(want_kept).max()
+            np.testing.assert_allclose(got_kept, want_kept, rtol=1e-5, atol=1e-5 * scale)
+    assert (runs[0][0][:, 9] == np.maximum(dtype(bias[9]) + residual[:, 9], 0)).all()
+    for a, b in zip(*runs):
+        assert a.tobytes() == b.tobytes()
+
+
 # short rows packed into one tile, channels-last rows wider than a tile.
 LARGE_CASES = [((3, 5, 300, 301), 1), ((64, 2048, 9), 1), ((1100, 1030), 1), ((20000, 67), 1),
                ((40, 5, 97, 67), -1)]
