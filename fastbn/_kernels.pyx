@@ -563,6 +563,47 @@ cdef extern from *:
         for (c = body; c < C; c++) fastbn_rows_sums_wide_f32(x, rows, C, c, shift, part1, part2);
     }
 
+    /* Channels-last float32 gradient sums of one block in memory order, eight rows (FLUSH) per
+       pass over the row, for data in the cache: the operations of fastbn_rows_grad_stream_f32
+       in the same order (so the same bits, streamed or not), but each vector's eight-row sums
+       stay in registers instead of being loaded and stored per row. */
+    static void fastbn_rows_grad_mem_f32(const float *dy, const float *x, const float *out,
+                                         Py_ssize_t rows, Py_ssize_t C, const double *mean,
+                                         double *part1, double *part2) {
+        const fastbn_v8f zero = {0};
+        fastbn_v8f m[FASTBN_COLS / 8], g, u, s, q;
+        fastbn_v4d t1[FASTBN_COLS / 4], t2[FASTBN_COLS / 4];
+        Py_ssize_t c0, w, k, c, r, r1, j, o, body = C / 8 * 8;
+        for (c0 = 0; c0 < body && rows > 0; c0 += FASTBN_COLS) {
+            w = (body - c0 < FASTBN_COLS ? body - c0 : FASTBN_COLS) / 8;
+            for (k = 0; k < 8 * w; k++) m[k / 8][k % 8] = (float)mean[c0 + k];
+            for (k = 0; k < 2 * w; k++) t1[k] = t2[k] = (fastbn_v4d){0, 0, 0, 0};
+            for (r = 0; r < rows; r = r1) {
+                r1 = r + FASTBN_FLUSH < rows ? r + FASTBN_FLUSH : rows;
+                for (k = 0; k < w; k++) {
+                    s = q = zero;
+                    for (j = r; j < r1; j++) {
+                        o = j * C + c0 + 8 * k;
+                        memcpy(&g, dy + o, 32);
+                        if (out) {
+                            memcpy(&u, out + o, 32);
+                            g = (fastbn_v8f)((fastbn_v8i)g & (u > zero));
+                        }
+                        memcpy(&u, x + o, 32);
+                        s += g;
+                        q += g * (u - m[k]);
+                    }
+                    fastbn_widen_add(t1 + 2 * k, s);
+                    fastbn_widen_add(t2 + 2 * k, q);
+                }
+            }
+            fastbn_rows_grad_finish_f32(dy, x, out, rows, C, c0, 8 * w, m, t1, t2, mean, part1,
+                                        part2);
+        }
+        for (c = body; c < C; c++)
+            fastbn_rows_grad_wide_f32(dy, x, out, rows, C, c, mean, part1, part2);
+    }
+
     #define FASTBN_WIDE_PERIOD 64  /* channels-last rows this wide: see fastbn_affine_run */
     #define FASTBN_ELEMENTWISE(SUF, T, V, M, LANES)                                            \
     static inline V fastbn_load_##SUF(const T *p) { V v; memcpy(&v, p, sizeof v); return v; }   \
@@ -809,6 +850,9 @@ cdef extern from *:
                                      double* part1, double* part2) noexcept nogil
     void fastbn_rows_sums_mem_f32(const float* x, Py_ssize_t rows, Py_ssize_t C,
                                   const double* shift, double* part1, double* part2) noexcept nogil
+    void fastbn_rows_grad_mem_f32(const float* dy, const float* x, const float* out,
+                                  Py_ssize_t rows, Py_ssize_t C, const double* mean,
+                                  double* part1, double* part2) noexcept nogil
     void fastbn_affine_run_f32(const float* x, float* y, const float* r, bint relu, Py_ssize_t n,
                                const float* hi, const float* lo, const float* s, const float* t,
                                Py_ssize_t period, Py_ssize_t phase, bint stream) noexcept nogil
@@ -887,6 +931,14 @@ cdef Py_ssize_t MEM_SUMS_BELOW = 512
 # 12544x2048 12.4 -> 10.1, 64x7x7x2048 3.1 -> 2.6, but 50176x512 6.3 -> 6.7, 401408x64 8.5 ->
 # 9.9, 100352x256 8.6 -> 9.6.
 cdef Py_ssize_t GRAD_LANES_STREAMED = 1024
+# Channels-last float32 gradient sums (masked or not) of fewer channels than this, from the
+# cache: eight rows per pass over the row (fastbn_rows_grad_mem_f32), as the moments. On Zen 3,
+# interleaved, backward: 8x56x56x64 0.89 -> 0.62 ms (float64 lanes before), 32x14x14x576 3.9
+# -> 3.6, 12544x256 3.35 -> 3.08, 25088x16 0.156 -> 0.147 (register tiles before); masked
+# 8x56x56x64 2.04 -> 1.66. Not from memory (32x56x56x256 21.6 -> 32.3 ms: eight rows of two
+# arrays at a time are more streams than the prefetchers follow), nor from 1024 channels
+# (256x1024 0.182 -> 0.192 ms, 32x7x7x1280 1.75 -> 1.86).
+cdef Py_ssize_t GRAD_MEM_BELOW = 1024
 DEF ROW_TASKS = 16                       # see _set_group
 DEF LONG_SPAN = 256                      # channels-first rows this long: one run per row
 DEF PARAM_PAD = 8                        # lanes of the widest vector (float32)
@@ -896,8 +948,9 @@ def _tuning(**changes):
     """Read (and, for experiments, change) the tuning constants; returns the previous values."""
     global SEGMENT, ROW_BLOCK_BYTES, MAX_ROW_BLOCKS, GROUP_BYTES, SERIAL_BELOW, STREAM_ABOVE
     global ALIAS_GUARD, LANES_FROM, MEM_SUMS_BELOW, GRAD_LANES_STREAMED, MIN_BLOCK_ROWS
+    global GRAD_MEM_BELOW
     previous = dict(LANES_FROM=LANES_FROM, MEM_SUMS_BELOW=MEM_SUMS_BELOW,
-                    MIN_BLOCK_ROWS=MIN_BLOCK_ROWS,
+                    MIN_BLOCK_ROWS=MIN_BLOCK_ROWS, GRAD_MEM_BELOW=GRAD_MEM_BELOW,
                     GRAD_LANES_STREAMED=GRAD_LANES_STREAMED, SEGMENT=SEGMENT,
                     ROW_BLOCK_BYTES=ROW_BLOCK_BYTES,
                     MAX_ROW_BLOCKS=MAX_ROW_BLOCKS, GROUP_BYTES=GROUP_BYTES,
@@ -916,6 +969,7 @@ def _tuning(**changes):
     LANES_FROM = changes.get("LANES_FROM", LANES_FROM)
     MEM_SUMS_BELOW = changes.get("MEM_SUMS_BELOW", MEM_SUMS_BELOW)
     MIN_BLOCK_ROWS = changes.get("MIN_BLOCK_ROWS", MIN_BLOCK_ROWS)
+    GRAD_MEM_BELOW = changes.get("GRAD_MEM_BELOW", GRAD_MEM_BELOW)
     GRAD_LANES_STREAMED = changes.get("GRAD_LANES_STREAMED", GRAD_LANES_STREAMED)
     return previous
 
@@ -1235,6 +1289,10 @@ cdef void _cl_partials(const floating* x, const floating* dy, const floating* ou
                                      part2 + blk * C)
         elif floating is float and dy == NULL and C >= LANES_FROM:
             _cl_block_moments(x + offset, rows, C, center, part1 + blk * C, part2 + blk * C)
+        elif floating is float and dy != NULL and not L.stream and C < GRAD_MEM_BELOW:
+            fastbn_rows_grad_mem_f32(dy + offset, x + offset,
+                                     NULL if output == NULL else output + offset, rows, C,
+                                     center, part1 + blk * C, part2 + blk * C)
         elif (floating is float and dy != NULL and output == NULL and C >= LANES_FROM
               and (not L.stream or C >= GRAD_LANES_STREAMED)):
             _cl_block_grad(dy + offset, x + offset, rows, C, center, part1 + blk * C,

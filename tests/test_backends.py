@@ -418,11 +418,11 @@ def test_streamed_stores_equal_cached_stores(rng, dtype, shape, axis):
             assert got.tobytes() == want.tobytes()
 
 
-@pytest.mark.parametrize("channels", [5, 40, 1030])
+@pytest.mark.parametrize("channels", [5, 40, 97, 576, 1030])
 def test_streamed_channels_last_gradient_sums_equal_cached(rng, channels):
-    """Large channels-last float32 backward of fewer than 1024 channels reads the block in
-    memory order (a different kernel from the cached path's register tiles; from 64 channels on
-    the cached path uses float64 lanes): the same sums bit for bit, including the channels
+    """Channels-last float32 gradient sums of fewer than 1024 channels go row by row from
+    memory (streamed outputs) and eight rows per pass from the cache (from 1024 channels on,
+    float64 lanes both ways): the same sums bit for bit, masked or not, including the channels
     whose float32 sums fall back to float64 (NaN, a gradient that underflows)."""
     if "cython" not in fastbn.available_backends():
         pytest.skip("the cython backend is not built")
