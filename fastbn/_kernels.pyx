@@ -502,6 +502,7 @@ cdef extern from *:
        but eight rows per pass over the row instead of one channel tile at a time: the eight
        rows' sums stay in registers and only the float64 totals (in L1, FASTBN_COLS channels at
        a time) are loaded and stored, once per eight rows. */
+    _Static_assert(FASTBN_FLUSH == 8, "fastbn_rows_sums_mem_f32 sums eight rows per pass");
     static void fastbn_rows_sums_mem_f32(const float *x, Py_ssize_t rows, Py_ssize_t C,
                                          const double *shift, double *part1, double *part2) {
         const fastbn_v8f zero = {0};
@@ -515,7 +516,10 @@ cdef extern from *:
             for (k = 0; k < w; k++) {
                 memcpy(&m[k], x + c0 + 8 * k, 32);
                 s = zero;
-                for (r = 0; r < sample; r++) { memcpy(&u0, x + r * C + c0 + 8 * k, 32); s += u0 - m[k]; }
+                for (r = 0; r < sample; r++) {
+                    memcpy(&u0, x + r * C + c0 + 8 * k, 32);
+                    s += u0 - m[k];
+                }
                 m[k] += s / (float)sample;
             }
             for (k = 0; k < 2 * w; k++) t1[k] = t2[k] = (fastbn_v4d){0, 0, 0, 0};
@@ -887,13 +891,14 @@ OPENMP_ENABLED = bool(FASTBN_OPENMP)
 # Tuning constants (measured on the project machine; see bench/). None of them depends on the
 # thread count, so changing threads never changes results.
 cdef Py_ssize_t SEGMENT = 4096           # elements per channels-first block
-cdef Py_ssize_t ROW_BLOCK_BYTES = 65536  # bytes per channels-last block (at least one row)
+cdef Py_ssize_t ROW_BLOCK_BYTES = 65536  # bytes per channels-last block (see _row_blocks)
 cdef Py_ssize_t MAX_ROW_BLOCKS = 64      # cap on channels-last blocks (bounds the partials)
-# At least this many rows per channels-last block: wide rows of a small batch (256x1024) made
-# 16-row blocks whose float64 partials (16 bytes per channel and block) were a quarter of the
-# data, reduced serially. Interleaved A/B 1 -> 32 rows, training: 256x1024 90 -> 73 us,
-# 512x1024 158 -> 144, 128x4096 392 -> 203; backward 256x1024 199 -> 176, 128x4096 605 -> 381;
-# 64 rows left 64x2048 with one block (training 65 -> 85 us).
+# At least this many rows per channels-last block of the statistics and gradient sums (the
+# element-wise pass keeps its blocks): wide rows of a small batch (256x1024) made 16-row
+# blocks whose float64 partials (16 bytes per channel and block) were a quarter of the data,
+# reduced serially. Interleaved A/B 1 -> 32 rows, training: 256x1024 90 -> 73 us, 512x1024
+# 158 -> 144, 128x4096 392 -> 203; backward 256x1024 199 -> 176, 128x4096 605 -> 381; 64 rows
+# left 64x2048 with one block (training 65 -> 85 us).
 cdef Py_ssize_t MIN_BLOCK_ROWS = 32
 cdef Py_ssize_t CHANNEL_TILE = 512       # channels-last float64 data: accumulators stay in L1
 cdef Py_ssize_t SERIAL_BELOW = 1 << 15   # elements; smaller calls run on one thread
@@ -925,19 +930,21 @@ DEF ALIAS_WINDOW = 128                   # bytes; see _aliases
 # keeps _cl_block_wide: the lanes gave 100352x256 5.2 -> 9.3 ms.)
 cdef Py_ssize_t LANES_FROM = 64
 cdef Py_ssize_t MEM_SUMS_BELOW = 512
-# Their (unmasked) gradient sums too, from the cache; for data from memory (streamed outputs)
-# only from this many channels on. Backward in ms, register tiles -> lanes: from the cache
-# 8x56x56x64 0.221 -> 0.213, 32x7x7x1280 0.441 -> 0.350, 32x14x14x576 1.19 -> 0.90; from memory
-# 12544x2048 12.4 -> 10.1, 64x7x7x2048 3.1 -> 2.6, but 50176x512 6.3 -> 6.7, 401408x64 8.5 ->
-# 9.9, 100352x256 8.6 -> 9.6.
+# Unmasked channels-last float32 gradient sums of this many channels or more (and, from the
+# cache, of GRAD_MEM_BELOW or more) are float64 lanes (_cl_block_grad). Measured on Zen 5,
+# backward in ms, register tiles -> lanes: from the cache 32x7x7x1280 0.441 -> 0.350; from
+# memory 12544x2048 12.4 -> 10.1, 64x7x7x2048 3.1 -> 2.6, but 50176x512 6.3 -> 6.7, 401408x64
+# 8.5 -> 9.9, 100352x256 8.6 -> 9.6. Streamed and cached outputs give the same bits as long as
+# GRAD_MEM_BELOW <= GRAD_LANES_STREAMED (both kernels below, the lanes above).
 cdef Py_ssize_t GRAD_LANES_STREAMED = 1024
 # Channels-last float32 gradient sums (masked or not) of fewer channels than this, from the
-# cache: eight rows per pass over the row (fastbn_rows_grad_mem_f32), as the moments. On Zen 3,
-# interleaved, backward: 8x56x56x64 0.89 -> 0.62 ms (float64 lanes before), 32x14x14x576 3.9
-# -> 3.6, 12544x256 3.35 -> 3.08, 25088x16 0.156 -> 0.147 (register tiles before); masked
-# 8x56x56x64 2.04 -> 1.66. Not from memory (32x56x56x256 21.6 -> 32.3 ms: eight rows of two
-# arrays at a time are more streams than the prefetchers follow), nor from 1024 channels
-# (256x1024 0.182 -> 0.192 ms, 32x7x7x1280 1.75 -> 1.86).
+# cache: eight rows per pass over the row (fastbn_rows_grad_mem_f32), in the order of the
+# from-memory kernel. On Zen 3, interleaved, backward in ms, before -> after: 8x56x56x64 1.38
+# -> 0.90 (float64 lanes before), 12544x256 4.30 -> 3.61, 32x14x14x576 4.51 -> 4.25, 25088x16
+# 0.137 -> 0.125 (register tiles before); masked 8x56x56x64 2.04 -> 1.66. From 1024 channels
+# the lanes stay (256x1024 0.182 -> 0.192, 32x7x7x1280 1.75 -> 1.86 with a first version of
+# this kernel); from memory the row-by-row kernel stays (that first version, eight rows of two
+# arrays at a time, was 1.5x slower there: 32x56x56x256 21.6 -> 32.3 ms).
 cdef Py_ssize_t GRAD_MEM_BELOW = 1024
 DEF ROW_TASKS = 16                       # see _set_group
 DEF LONG_SPAN = 256                      # channels-first rows this long: one run per row
@@ -1020,9 +1027,21 @@ cdef struct Layout:
     Py_ssize_t cf_blocks             # channels-first: blocks per channel group
     Py_ssize_t row_chans             # channels-first rows of several segments: channels per
                                      # task of the memory-order passes (see _set_group)
-    Py_ssize_t nblocks, block_rows   # channels-last: row blocks and rows per block
+    Py_ssize_t nblocks, block_rows   # channels-last: row blocks and rows per block of the
+                                     # element-wise pass
+    Py_ssize_t sum_blocks, sum_rows  # ... and of the sums (at least MIN_BLOCK_ROWS rows)
     int threads
     bint stream                      # non-temporal stores for the output
+
+
+cdef void _row_blocks(Py_ssize_t outer, Py_ssize_t rows, Py_ssize_t* block_rows,
+                      Py_ssize_t* nblocks) noexcept:
+    """Blocks of `rows` rows (at least one), at most MAX_ROW_BLOCKS of them, none empty."""
+    block_rows[0] = max(1, rows)
+    nblocks[0] = max(1, (outer + block_rows[0] - 1) // block_rows[0])
+    if nblocks[0] > MAX_ROW_BLOCKS:
+        block_rows[0] = (outer + MAX_ROW_BLOCKS - 1) // MAX_ROW_BLOCKS
+        nblocks[0] = (outer + block_rows[0] - 1) // block_rows[0]
 
 
 cdef void _plan(Layout* L, Py_ssize_t itemsize, Py_ssize_t size, int num_threads) noexcept:
@@ -1030,11 +1049,9 @@ cdef void _plan(Layout* L, Py_ssize_t itemsize, Py_ssize_t size, int num_threads
     L.nseg = max(1, (L.inner + SEGMENT - 1) // SEGMENT)
     L.seglen = (L.inner + L.nseg - 1) // L.nseg
     _set_group(L, L.channels)
-    L.block_rows = max(MIN_BLOCK_ROWS, ROW_BLOCK_BYTES // max(1, L.channels * itemsize))
-    L.nblocks = max(1, (L.outer + L.block_rows - 1) // L.block_rows)
-    if L.nblocks > MAX_ROW_BLOCKS:
-        L.block_rows = (L.outer + MAX_ROW_BLOCKS - 1) // MAX_ROW_BLOCKS
-        L.nblocks = (L.outer + L.block_rows - 1) // L.block_rows  # none empty
+    cdef Py_ssize_t rows = max(1, ROW_BLOCK_BYTES // max(1, L.channels * itemsize))
+    _row_blocks(L.outer, rows, &L.block_rows, &L.nblocks)
+    _row_blocks(L.outer, max(rows, MIN_BLOCK_ROWS), &L.sum_rows, &L.sum_blocks)
     L.threads = 1 if size < SERIAL_BELOW else max(1, num_threads)
     L.stream = size * itemsize > STREAM_ABOVE
 
@@ -1281,9 +1298,9 @@ cdef void _cl_partials(const floating* x, const floating* dy, const floating* ou
     Without dy: shifted moments of x about `center`; with dy: the gradient sums."""
     cdef Py_ssize_t C = L.channels
     cdef Py_ssize_t blk, rows, offset
-    for blk in prange(L.nblocks, schedule="static", num_threads=L.threads):
-        rows = min(L.outer, (blk + 1) * L.block_rows) - blk * L.block_rows
-        offset = blk * L.block_rows * C
+    for blk in prange(L.sum_blocks, schedule="static", num_threads=L.threads):
+        rows = min(L.outer, (blk + 1) * L.sum_rows) - blk * L.sum_rows
+        offset = blk * L.sum_rows * C
         if floating is float and dy == NULL and LANES_FROM <= C < MEM_SUMS_BELOW:
             fastbn_rows_sums_mem_f32(x + offset, rows, C, center, part1 + blk * C,
                                      part2 + blk * C)
@@ -1322,7 +1339,7 @@ cdef void _cl_reduce(Layout L, const double* part1, const double* part2,
     for c in range(C):
         total1[c] = 0.0
         total2[c] = 0.0
-    for blk in range(L.nblocks):
+    for blk in range(L.sum_blocks):
         for c in range(C):
             total1[c] += part1[blk * C + c]
             total2[c] += part2[blk * C + c]
@@ -1737,7 +1754,7 @@ cdef class _Scratch:
 
 cdef Py_ssize_t _partial_slots(Layout L, Py_ssize_t group):
     """Channels-last keeps blocks x C partials; channels-first units x group channels."""
-    return L.nblocks * L.channels if L.inner == 1 else group * L.cf_units
+    return L.sum_blocks * L.channels if L.inner == 1 else group * L.cf_units
 
 
 cdef _run_moments(floating* tag, cnp.ndarray x, Layout L):

@@ -160,9 +160,10 @@ def test_moments_match_reference(backend, rng):
 @pytest.mark.parametrize("stream_above", [0, 1 << 40])
 @pytest.mark.parametrize("channels", [64, 97, 1030])
 def test_channels_last_float32_gradient_lanes(fast_backend, rng, channels, stream_above):
-    """Wide channels-last float32 gradient sums in float64 lanes, eight rows at a time (Cython:
-    from the cache, or from memory with 1024+ channels): rows that are not a multiple of eight,
-    a NaN channel kept to itself, a gradient that underflows in float32; any thread count."""
+    """Wide channels-last float32 gradient sums eight rows at a time (Cython: float32 sums
+    from the cache below 1024 channels, float64 lanes from 1024 channels, streamed or not): rows
+    that are not a multiple of eight, a NaN channel kept to itself, a gradient that underflows
+    in float32; any thread count."""
     x = (rng.standard_normal((101, channels)) * 3 + 100).astype(np.float32)
     dy = rng.standard_normal((101, channels)).astype(np.float32)
     x[:, 1] = np.nan
@@ -231,6 +232,15 @@ def test_few_wide_channels_last_rows(fast_backend, rng, dtype, rows, channels):
             fastbn.set_num_threads(None)
     want = run("numpy")
     keep = np.arange(channels) != 7
+    # The plain call (the Cython backend's C fast path) updates the running statistics.
+    stats = {}
+    for backend in (fast_backend, "numpy"):
+        rm, rv = np.zeros(channels, dtype), np.ones(channels, dtype)
+        y = fastbn.batch_norm(x, rm, rv, weight, bias, True, backend=backend)
+        stats[backend] = y, rm, rv
+    for got_value, want_value in zip(stats[fast_backend], stats["numpy"]):
+        assert_close(got_value[..., keep], want_value[..., keep], dtype)
+        assert np.isnan(got_value[..., 7]).all()
     for got_value, want_value in zip(runs[0], want):
         assert np.isnan(got_value[..., 7]).all() == np.isnan(want_value[..., 7]).all()
         got_kept, want_kept = got_value[..., keep], want_value[..., keep]
@@ -242,6 +252,45 @@ def test_few_wide_channels_last_rows(fast_backend, rng, dtype, rows, channels):
     assert (runs[0][0][:, 9] == np.maximum(dtype(bias[9]) + residual[:, 9], 0)).all()
     for a, b in zip(*runs):
         assert a.tobytes() == b.tobytes()
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered")  # the reference on inf
+@pytest.mark.parametrize("shape", [(203, 70), (77, 300), (45, 1030)])
+def test_channels_last_float32_moments_eight_rows(fast_backend, rng, shape):
+    """Channels-last float32 statistics eight rows at a time (Cython: 64 to 511 channels, and
+    1030 channels in two column chunks when forced): rows not a multiple of eight, NaN and
+    inf confined to their channels, a constant channel exact, a far outlier first; the same
+    bits for 1 and 2 threads; equal to the reference within float32's precision."""
+    x = (rng.standard_normal(shape) * 2 + 1e3).astype(np.float32)
+    x[:, 1] = np.nan
+    x[5, 2] = np.inf
+    x[:, 3] = 7.25
+    x[0, 4] = 1e6
+    previous = None
+    if fast_backend == "cython":
+        from fastbn._kernels import _tuning
+        previous = _tuning(MEM_SUMS_BELOW=2048)
+    try:
+        runs = []
+        for threads in (1, 2):
+            fastbn.set_num_threads(threads)
+            runs.append(fastbn.moments(x, axis=1, backend=fast_backend))
+    finally:
+        fastbn.set_num_threads(None)
+        if previous is not None:
+            _tuning(**previous)
+    want = fastbn.moments(x, axis=1, backend="numpy")
+    for got in runs:
+        assert np.isnan(got.mean[1]) and np.isnan(got.m2[1])
+        assert not np.isfinite(got.mean[2])
+        assert got.mean[3] == 7.25 and got.m2[3] == 0.0
+        keep = np.ones(shape[1], bool)
+        keep[[1, 2]] = False
+        std = np.sqrt(want.m2[keep] / shape[0])  # float32's own precision, as promised
+        assert np.all(np.abs(got.mean[keep] - want.mean[keep]) <= 1e-7 * std)
+        np.testing.assert_allclose(got.m2[keep], want.m2[keep], rtol=1e-6)
+    assert runs[0].mean.tobytes() == runs[1].mean.tobytes()
+    assert runs[0].m2.tobytes() == runs[1].m2.tobytes()
 
 
 # short rows packed into one tile, channels-last rows wider than a tile.
@@ -439,7 +488,7 @@ def test_streamed_channels_last_gradient_sums_equal_cached(rng, channels):
         try:
             return [fastbn.batch_norm_backward(dy, x, mean, invstd, weight, axis=-1,
                                                output=output, backend="cython")
-                    for output in (None, x)]
+                    for output in (None, x - 100)]  # x - 100: about half of dy masked
         finally:
             _tuning(**previous)
 

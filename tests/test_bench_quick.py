@@ -109,9 +109,19 @@ def test_readme_summary_is_rewritten_from_a_run(tmp_path):
     assert "stale" not in text and "| bn1d 256x1024 | nchw |" in text
     assert "| resnet-small 8x64x56x56 | nchw |" in text and "x copy" in text
     assert "x naive" in text and text.count("| nchw |") == 2
+    # A failed case is marked, not left blank; float64 rows do not overwrite float32 ones.
+    saved = json.loads(json_path.read_text())
+    failed = dict(saved["results"][0], status="error: boom")
+    assert failed["backend"] != "naive" and failed["op"] == "train"
+    other = dict(saved["results"][0], dtype="float64", x_copy=99.0)
+    table = _report.summary_table([failed, other] + saved["results"][1:])
+    assert "failed" in table and "99.0x copy" not in table
+    # Errors come before any measurement: a missing file or block, --scaling.
     readme.write_text("no markers\n")
-    with pytest.raises(SystemExit, match="no .* block"):
-        _report.main(["--from-json", str(json_path), "--readme", str(readme)])
+    for argv in (["--readme", str(readme)], ["--readme", str(tmp_path / "missing.md")],
+                 ["--scaling", "--readme", str(ROOT / "README.md")]):
+        with pytest.raises(SystemExit):
+            _report.main(argv + ["--shapes", "bn1d", "--ops", "infer"])
     # The project README carries the block that the command rewrites.
     project = (ROOT / "README.md").read_text()
     assert project.index(_report.README_START) < project.index(_report.README_END)

@@ -366,44 +366,68 @@ def summary_backend(results: list[dict]) -> str | None:
     return next((b for b in ("cython", "numba", "numpy") if b in ran), None)
 
 
+def _summary_cell(r: dict | None) -> str:
+    if r is None:
+        return ""
+    if r["status"] != "ok":
+        return "failed"
+    ratios = [f"{r['x_copy']:.1f}x copy"]
+    if r.get("vs_torch") is not None:
+        ratios.append(f"{r['vs_torch']:.1f}x torch")
+    if r.get("vs_naive") is not None:
+        ratios.append(f"{r['vs_naive']:.0f}x naive")
+    return ", ".join(ratios)
+
+
 def summary_table(results: list[dict], backend: str | None = None) -> str:
-    """One backend's ratios (x copy, vs torch, vs naive) per shape, layout and operation."""
+    """One backend's float32 ratios (x copy, vs torch, vs naive) per shape, layout and
+    operation; a failed case says so."""
     backend = backend or summary_backend(results)
     found = {(r["shape"], r["layout"], r["op"]): r for r in results
-             if r["backend"] == backend and r["status"] == "ok"}
+             if r["backend"] == backend and r["dtype"] == "float32"}
     lines = ["| shape | layout | " + " | ".join(SUMMARY_OPS.values()) + " |",
              "|---|---|" + "---|" * len(SUMMARY_OPS)]
     for shape in SUMMARY_SHAPES:
         for layout in reg.LAYOUTS:
             row = [found.get((shape, layout, op)) for op in SUMMARY_OPS]
-            if not any(row):
-                continue
-            dims = "x".join(map(str, next(r for r in row if r)["dims"]))
-            cells = ["" if r is None else ", ".join(
-                [f"{r['x_copy']:.1f}x copy"]
-                + [f"{r[k]:{spec}}x {name}" for k, spec, name in
-                   (("vs_torch", ".1f", "torch"), ("vs_naive", ".0f", "naive"))
-                   if r.get(k) is not None]) for r in row]
-            lines.append(f"| {shape} {dims} | {layout} | " + " | ".join(cells) + " |")
+            if any(row):
+                dims = "x".join(map(str, next(r for r in row if r)["dims"]))
+                lines.append(f"| {shape} {dims} | {layout} | "
+                             + " | ".join(map(_summary_cell, row)) + " |")
     return "\n".join(lines)
 
 
 def summary_heading(info: dict, results: list[dict]) -> str:
+    """The machine, versions and settings of the run, for the line above the table."""
     threads = max((r["threads"] for r in results), default=1)
     versions = ", ".join(f"{k.split()[1]} {v}" for k, v in info.items()
                          if k.startswith("version ") and k != "version fastbn" and v)
-    return (f"Latest run of fastbn[{summary_backend(results)}]: {info['cpu']} ({info.get('simd', '')}), {info['usable cpus']} cpus, "
+    return (f"Latest run of fastbn[{summary_backend(results)}]: {info['cpu']} "
+            f"({info.get('simd', '')}), {info['usable cpus']} cpus, "
             f"{info['last-level cache']} last-level cache, {info.get('memory', '?')}; "
             f"{threads} threads, float32, `out=` preallocated; fastbn {info['version fastbn']} "
             f"(commit {info.get('fastbn commit', '?')}), {versions}; {info['date']}.")
 
 
-def update_readme(path, info: dict, results: list[dict]) -> None:
-    """Replace the text between README_START and README_END with the summary table."""
-    text = Path(path).read_text()
+def _readme_block(path) -> tuple[str, int, int]:
+    """The text of `path` and where its summary block starts and ends; SystemExit if the file
+    or its markers are missing (checked before a run, so that no measurement is lost)."""
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise SystemExit(f"--readme {path}: {exc.strerror}") from None
     start, end = text.find(README_START), text.find(README_END)
     if start < 0 or end < start:
-        raise SystemExit(f"{path}: no '{README_START}' ... '{README_END}' block to replace")
+        raise SystemExit(f"--readme {path}: no '{README_START}' ... '{README_END}' block to "
+                         "replace")
+    return text, start, end
+
+
+def update_readme(path, info: dict, results: list[dict]) -> None:
+    """Replace the text between README_START and README_END with the summary table."""
+    text, start, end = _readme_block(path)
+    if summary_backend(results) is None:
+        raise SystemExit(f"--readme {path}: no fastbn backend in these results")
     block = "\n".join([README_START, summary_heading(info, results), "",
                        summary_table(results), ""])
     Path(path).write_text(text[:start] + block + text[end:])
@@ -578,8 +602,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--from-json", metavar="FILE",
                    help="do not run: print/plot/write the results of an earlier --json FILE")
     p.add_argument("--readme", metavar="FILE.md",
-                   help="replace the summary table (the Cython backend's ratios) between the "
-                        "bench-summary markers of FILE.md, as in the README")
+                   help="replace the summary table (float32 ratios of the first fastbn backend "
+                        "run, Cython first) between the bench-summary markers of FILE.md, as "
+                        "in the README")
     p.add_argument("--note", action="append", default=[],
                    help="a remark printed under the machine in the Markdown (repeatable)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
@@ -587,7 +612,12 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> list[dict]:
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
+    if args.readme:
+        if args.scaling:
+            p.error("--readme takes a comparison run, not --scaling")
+        _readme_block(args.readme)
     threads = args.threads or fastbn.get_num_threads()
     min_time = args.min_time if args.min_time is not None else (0.05 if args.quick else 0.2)
     shapes = _split(args.shapes)
@@ -631,7 +661,7 @@ def main(argv=None) -> list[dict]:
     if args.markdown:
         write_markdown(args.markdown, info, results, args, argv, threads)
         print(f"markdown written to {args.markdown}")
-    if args.readme and not args.scaling:
+    if args.readme:
         update_readme(args.readme, info, results)
         print(f"summary table written to {args.readme}")
     failed = [r for r in results if r["status"] != "ok"]
