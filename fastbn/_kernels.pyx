@@ -318,14 +318,35 @@ cdef extern from *:
         t[0] += __builtin_convertvector(__builtin_shufflevector(v, v, 0, 1, 2, 3), fastbn_v4d);
         t[1] += __builtin_convertvector(__builtin_shufflevector(v, v, 4, 5, 6, 7), fastbn_v4d);
     }
+    /* Channels [c0, c0 + n) of a block: the float64 sums t1, t2 of x - m (float32 centers m)
+       re-centred on shift into part1, part2, or the channel again in float64 when they are not
+       finite, tiny, or show cancellation (a center far from the block's mean). */
+    static inline void fastbn_rows_sums_finish_f32(const float *x, Py_ssize_t rows, Py_ssize_t C,
+            Py_ssize_t c0, Py_ssize_t n, const fastbn_v8f *m, const fastbn_v4d *t1,
+            const fastbn_v4d *t2, const double *shift, double *part1, double *part2) {
+        double delta, sum1, sum2;
+        Py_ssize_t k, c;
+        for (k = 0; k < n; k++) {
+            c = c0 + k;
+            sum1 = t1[k / 4][k % 4];
+            sum2 = t2[k / 4][k % 4];
+            if (!__builtin_isfinite(sum1) || !__builtin_isfinite(sum2) || sum2 < rows * 1e-30
+                    || sum1 * sum1 > sum2 * rows * (1.0 - 1.0 / FASTBN_CANCEL)) {
+                fastbn_rows_sums_wide_f32(x, rows, C, c, shift, part1, part2);
+                continue;
+            }
+            delta = (double)m[k / 8][k % 8] - shift[c];
+            part1[c] += sum1 + rows * delta;
+            part2[c] += sum2 + (2.0 * delta) * sum1 + rows * (delta * delta);
+        }
+    }
     static inline __attribute__((always_inline)) void fastbn_rows_tile_f32(
             const float *x, Py_ssize_t rows, Py_ssize_t C, Py_ssize_t c0, const int W,
             const double *shift, double *part1, double *part2) {
         const fastbn_v8f zero = {0};
         fastbn_v8f m[4], s[4], q[4], u;
         fastbn_v4d t1[8], t2[8];
-        double delta, sum1, sum2;
-        Py_ssize_t r, r1, w, k, c, sample;
+        Py_ssize_t r, r1, w, k, sample;
         sample = FASTBN_SAMPLE_ROWS < rows ? FASTBN_SAMPLE_ROWS : rows;
         for (w = 0; w < W; w++) { memcpy(&m[w], x + c0 + 8 * w, 32); s[w] = zero; }
         for (r = 0; r < sample; r++)
@@ -347,19 +368,7 @@ cdef extern from *:
                 fastbn_widen_add(t2 + 2 * w, q[w]);
             }
         }
-        for (k = 0; k < 8 * W; k++) {
-            c = c0 + k;
-            sum1 = t1[k / 4][k % 4];
-            sum2 = t2[k / 4][k % 4];
-            if (!__builtin_isfinite(sum1) || !__builtin_isfinite(sum2) || sum2 < rows * 1e-30
-                    || sum1 * sum1 > sum2 * rows * (1.0 - 1.0 / FASTBN_CANCEL)) {
-                fastbn_rows_sums_wide_f32(x, rows, C, c, shift, part1, part2);
-                continue;
-            }
-            delta = (double)m[k / 8][k % 8] - shift[c];
-            part1[c] += sum1 + rows * delta;
-            part2[c] += sum2 + (2.0 * delta) * sum1 + rows * (delta * delta);
-        }
+        fastbn_rows_sums_finish_f32(x, rows, C, c0, 8 * W, m, t1, t2, shift, part1, part2);
     }
     /* Channels-last float32 gradient sums of one block, added to part1[c] = sum(g) and
        part2[c] = sum(g * (x - mean[c])), g = dy masked where out <= 0 (out may be NULL): as
@@ -508,7 +517,6 @@ cdef extern from *:
         const fastbn_v8f zero = {0};
         fastbn_v8f m[FASTBN_COLS / 8], u0, u1, u2, u3, u4, u5, u6, u7, s, q;
         fastbn_v4d t1[FASTBN_COLS / 4], t2[FASTBN_COLS / 4];
-        double delta, sum1, sum2;
         Py_ssize_t c0, w, k, c, r, j, o, sample, body = C / 8 * 8;
         sample = FASTBN_SAMPLE_ROWS < rows ? FASTBN_SAMPLE_ROWS : rows;
         for (c0 = 0; c0 < body && rows > 0; c0 += FASTBN_COLS) {
@@ -550,19 +558,8 @@ cdef extern from *:
                     fastbn_widen_add(t2 + 2 * k, q);
                 }
             }
-            for (k = 0; k < 8 * w; k++) {
-                c = c0 + k;
-                sum1 = t1[k / 4][k % 4];
-                sum2 = t2[k / 4][k % 4];
-                if (!__builtin_isfinite(sum1) || !__builtin_isfinite(sum2) || sum2 < rows * 1e-30
-                        || sum1 * sum1 > sum2 * rows * (1.0 - 1.0 / FASTBN_CANCEL)) {
-                    fastbn_rows_sums_wide_f32(x, rows, C, c, shift, part1, part2);
-                    continue;
-                }
-                delta = (double)m[k / 8][k % 8] - shift[c];
-                part1[c] += sum1 + rows * delta;
-                part2[c] += sum2 + (2.0 * delta) * sum1 + rows * (delta * delta);
-            }
+            fastbn_rows_sums_finish_f32(x, rows, C, c0, 8 * w, m, t1, t2, shift, part1,
+                                        part2);
         }
         for (c = body; c < C; c++) fastbn_rows_sums_wide_f32(x, rows, C, c, shift, part1, part2);
     }
