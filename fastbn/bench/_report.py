@@ -363,7 +363,7 @@ README_END = "<!-- end of bench summary -->"
 def summary_backend(results: list[dict]) -> str | None:
     """The backend the summary shows: the first fastbn backend of the run, Cython first."""
     ran = {r["backend"] for r in results}
-    return next((b for b in ("cython", "numba", "numpy") if b in ran), None)
+    return next((b for b in reg.FASTBN_BACKENDS if b in ran), None)
 
 
 def _summary_cell(r: dict | None) -> str:
