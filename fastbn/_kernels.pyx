@@ -36,7 +36,7 @@ from libc.string cimport memcpy
 cimport numpy as cnp
 import numpy as np
 
-from ._config import last_level_cache_bytes, streamed_store_alias_stall
+from ._config import channel_group_bytes, last_level_cache_bytes, streamed_store_alias_stall
 
 cnp.import_array()
 
@@ -905,11 +905,8 @@ cdef Py_ssize_t SERIAL_BELOW = 1 << 15   # elements; smaller calls run on one th
 # best.
 cdef Py_ssize_t STREAM_ABOVE = last_level_cache_bytes() // 2
 # Channels-first cache blocking: bytes of input per channel group (the element-wise pass re-reads
-# the group from the cache). Half the last-level cache, as the Numba backend; 4 MB before (the
-# first machine's 8 MB L3). On the 32 MB L3, interleaved A/B 4 MB -> 16 MB, ms: 32x64x112x112
-# training 3.40 -> 3.17, backward 5.24 -> 4.82; 32x256x56x56 3.57 -> 3.48, 5.12 -> 4.89;
-# 64x2048x7x7 1.29 -> 1.20, 1.78 -> 1.48; 8x64x56x56 backward 0.190 -> 0.175.
-cdef Py_ssize_t GROUP_BYTES = last_level_cache_bytes() // 2
+# the group from the cache); see fastbn._config.channel_group_bytes for the measurements.
+cdef Py_ssize_t GROUP_BYTES = channel_group_bytes()
 # Streamed outputs that alias an input modulo 4 KB go through an L1 tile on processors where
 # that stalls (see _aliases and fastbn._config.streamed_store_alias_stall).
 cdef bint ALIAS_GUARD = streamed_store_alias_stall()

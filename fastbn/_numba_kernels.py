@@ -79,7 +79,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
-from ._config import last_level_cache_bytes
+from ._config import channel_group_bytes, last_level_cache_bytes
 
 __all__ = ["moments", "normalize", "train_forward", "backward"]
 
@@ -100,11 +100,8 @@ RUN = 1024
 # image (at least one row).
 LONG_RUN = 8192
 # Bytes of input per channel group in the fused channels-first passes: the second pass over a
-# group re-reads data that the first pass left in the (shared) last-level cache. Half of it:
-# 4 MB on the 8 MB L3 of the first machine (2 MB groups were slower for 7x7 images there); on a
-# 32 MB L3, 16 MB groups against 4 MB: 32x256x56x56 backward 10.6 -> 9.3 ms, 32x64x112x112
-# 8.7 -> 7.1 ms, 64x2048x7x7 2.8 -> 2.5 ms (fewer parallel regions, each with more units).
-GROUP_BYTES = last_level_cache_bytes() // 2
+# group re-reads data that the first pass left in the cache (fastbn._config.channel_group_bytes).
+GROUP_BYTES = channel_group_bytes()
 # Channels per chunk when merging channels-last partials in parallel.
 MERGE_CHUNK = 256
 
