@@ -294,9 +294,13 @@ def _dx_rows(dyf, xf, of, dxf, start, rows, stride, width, has_out, training, co
 # Measured on Zen 5 (interleaved A/B, float32, 2 threads): 32x64x112x112 inference 4.84 ->
 # 3.69 ms, 32x256x56x56 5.19 -> 3.98 ms, channels-last 401408x64 4.39 -> 2.54 ms (copy 2.0-3.4
 # ms). Not streamed, because measured slower: short channels-first rows (7x7: 1.02 -> 1.57 ms,
-# per-element constants over runs of ~1000 values) and dx (6.26 -> 6.11 ms, 7x7 1.54 -> 2.48 ms,
-# channels-last 12.1 -> 12.9 ms). Computing into an L1 tile and streaming the tile was slower
-# than plain stores (5.1 against 4.5 ms).
+# per-element constants over runs of ~1000 values). Computing into an L1 tile and streaming the
+# tile was slower than plain stores (5.1 against 4.5 ms). dx is streamed too (long
+# channels-first rows and channels-last; the same scheme, _stream_dx_intrinsic): on the Zen 3
+# (reads are the scarce resource there, a streamed store needs no read of the destination),
+# backward 32x256x56x56 16.4 -> 15.6 ms, channels-last 32x112x112x64 17.5 -> 16.1 ms,
+# 64x7x7x2048 3.57 -> 3.31 ms, ReLU-masked 27.2 -> 24.7 and 5.58 -> 4.84 ms. (On the Zen 5
+# channels-last dx was 7% slower streamed: 12.1 -> 12.9 ms.)
 
 STREAM_ABOVE = last_level_cache_bytes() // 2
 VECTOR_BYTES = 64  # one cache line per streamed store
@@ -376,6 +380,41 @@ _stream_norm_res = _stream_norm_intrinsic(True, False)
 _stream_norm_res_relu = _stream_norm_intrinsic(True, True)
 
 
+def _stream_dx_intrinsic(training: bool, masked: bool):
+    """An intrinsic: dxf[i:i+V] = g * a + ((x - hi) - lo) * b + c (training) or g * a (frozen),
+    g = dy, or dy where output > 0 and 0 elsewhere (masked), streamed (dxf + i aligned); the
+    operations of _dx_rows in its order. consts = (a, b, c, hi, lo) as in _param."""
+    @intrinsic
+    def stream_dx(typingctx, dyf, xf, of, dxf, i, consts, column):
+        sig = types.void(dyf, xf, of, dxf, i, consts, column)
+
+        def codegen(context, builder, signature, args):
+            dyt, xt, ot, dxt, _, pt, _ = signature.args
+            vt = ir.VectorType(context.get_data_type(xt.dtype), _vector_width(xt.dtype))
+            zero = ir.Constant(vt, [0.0] * vt.count)
+            p = [_param(context, builder, pt, args[5], m, args[6], vt)
+                 for m in range(5 if training else 1)]
+            g = _load(context, builder, dyt, args[0], args[4])
+            if masked:
+                o = _load(context, builder, ot, args[2], args[4])
+                g = builder.select(builder.fcmp_ordered(">", o, zero), g, zero)
+            dx = builder.fmul(g, p[0])
+            if training:
+                x = _load(context, builder, xt, args[1], args[4])
+                dx = builder.fadd(builder.fadd(
+                    dx, builder.fmul(builder.fsub(builder.fsub(x, p[3]), p[4]), p[1])), p[2])
+            _stream_store(context, builder, dxt, args[3], args[4], dx)
+            return context.get_dummy_value()
+        return sig, codegen
+    return stream_dx
+
+
+_stream_dx = _stream_dx_intrinsic(True, False)
+_stream_dx_masked = _stream_dx_intrinsic(True, True)
+_stream_dx_frozen = _stream_dx_intrinsic(False, False)
+_stream_dx_frozen_masked = _stream_dx_intrinsic(False, True)
+
+
 @intrinsic
 def _store_fence(typingctx):
     """Order the streamed stores before what follows (sfence on x86)."""
@@ -452,6 +491,30 @@ def _norm_block(xf, of, rf, start, rows, stride, width, has_res, relu, consts, z
                       np.int64(0), zero)
     else:
         _norm_rows(xf, of, rf, start, rows, stride, width, has_res, relu, consts, zero)
+
+
+@njit(**_JIT)
+def _dx_run(dyf, xf, of, dxf, start, n, has_out, training, consts, column, period, zero):
+    """Streamed dx of the run [start, start + n), the constants as in _norm_run; head and tail
+    by _dx_rows."""
+    width = VECTOR_BYTES // xf.itemsize
+    head = _stream_head(dxf, start, n)
+    body = head + (n - head) // width * width
+    _dx_rows(dyf, xf, of, dxf, start, 1, 0, head, has_out, training, _from(consts, column),
+             zero)
+    col = _wrap(column + head, period)
+    for t in range(head, body, width):
+        if training and has_out:
+            _stream_dx_masked(dyf, xf, of, dxf, start + t, consts, col)
+        elif training:
+            _stream_dx(dyf, xf, of, dxf, start + t, consts, col)
+        elif has_out:
+            _stream_dx_frozen_masked(dyf, xf, of, dxf, start + t, consts, col)
+        else:
+            _stream_dx_frozen(dyf, xf, of, dxf, start + t, consts, col)
+        col = _wrap(col + width, period)
+    _dx_rows(dyf, xf, of, dxf, start + body, 1, 0, n - body, has_out, training,
+             _from(consts, col), zero)
 
 
 # ----------------------------------------------------------------------------- geometry
@@ -709,8 +772,9 @@ def _chw_normalize(x, consts, residual, has_res, relu, out, c0, c1, stream):
 
 
 @njit(**_PARALLEL)
-def _chw_dx(dy, x, output, has_out, training, consts, out, c0, c1):
-    """dx of channels [c0, c1) with the constants (a, b, c, hi, lo) of consts."""
+def _chw_dx(dy, x, output, has_out, training, consts, out, c0, c1, stream):
+    """dx of channels [c0, c1) with the constants (a, b, c, hi, lo) of consts; long rows
+    streamed when `stream`."""
     outer, channels, inner = x.shape
     units = _units(c0, c1, outer, inner)[1]
     dyf = dy.reshape(dy.size)
@@ -727,10 +791,17 @@ def _chw_dx(dy, x, output, has_out, training, consts, out, c0, c1):
         else:
             seg = width - (cb - ca - 1) * inner
             for c in range(ca, cb):
-                _dx_rows(dyf, xf, of, dxf, start + (c - ca) * inner, rows, stride, seg,
-                         has_out, training,
-                         (consts[0, c], consts[1, c], consts[2, c], consts[3, c], consts[4, c]),
-                         zero)
+                cc = (consts[0, c], consts[1, c], consts[2, c], consts[3, c], consts[4, c])
+                b = start + (c - ca) * inner
+                if stream:
+                    for r in range(rows):
+                        _dx_run(dyf, xf, of, dxf, b + r * stride, seg, has_out, training, cc,
+                                np.int64(0), np.int64(0), zero)
+                else:
+                    _dx_rows(dyf, xf, of, dxf, b, rows, stride, seg, has_out, training, cc,
+                             zero)
+        if stream:
+            _store_fence()
 
 
 @njit(**_JIT)
@@ -776,7 +847,8 @@ def _chw_train(x, weight, bias, eps, residual, has_res, relu, out, stream, group
 
 
 @njit(**_JIT)
-def _chw_backward(dy, x, mean, invstd, weight, output, has_out, training, out, group_bytes):
+def _chw_backward(dy, x, mean, invstd, weight, output, has_out, training, out, stream,
+                  group_bytes):
     outer, channels, inner = x.shape
     bpc = _geometry(outer, inner)[3]
     sum_dy = np.empty(channels)
@@ -795,7 +867,7 @@ def _chw_backward(dy, x, mean, invstd, weight, output, has_out, training, out, g
             sum_dy_xmu[c] = part_q[base:base + bpc].sum()
         _grad_constants(c0, c1, np.float64(outer * inner), mean, invstd, weight, sum_dy,
                         sum_dy_xmu, consts)
-        _chw_dx(dy, x, output, has_out, training, consts, out, c0, c1)
+        _chw_dx(dy, x, output, has_out, training, consts, out, c0, c1, stream)
     return sum_dy, sum_dy_xmu
 
 
@@ -859,7 +931,8 @@ def _hwc_normalize(x, consts, residual, has_res, relu, out, stream):
 
 
 @njit(**_PARALLEL)
-def _hwc_backward(dy, x, mean, invstd, weight, output, has_out, training, out, group_bytes):
+def _hwc_backward(dy, x, mean, invstd, weight, output, has_out, training, out, stream,
+                  group_bytes):
     """Channels-last backward (group_bytes: unused, the interface of _chw_backward)."""
     outer, channels, _ = x.shape
     dyf = dy.reshape(dy.size)
@@ -886,11 +959,18 @@ def _hwc_backward(dy, x, mean, invstd, weight, output, has_out, training, out, g
     zero = np.zeros(1, x.dtype)[0]
     _grad_constants(0, channels, np.float64(outer), mean, invstd, weight, sum_dy, sum_dy_xmu,
                     consts)
+    padded = _periodic(consts, channels)
     rbn = max(1, BLOCK // channels)
     for blk in prange((outer + rbn - 1) // rbn):
         r0 = blk * rbn
-        _dx_rows(dyf, xf, of, dxf, r0 * channels, min(outer, r0 + rbn) - r0, channels, channels,
-                 has_out, training, consts, zero)
+        rows = min(outer, r0 + rbn) - r0
+        if stream:  # the block's rows as one run, the constants periodic
+            _dx_run(dyf, xf, of, dxf, r0 * channels, rows * channels, has_out, training, padded,
+                    np.int64(0), channels, zero)
+            _store_fence()
+        else:
+            _dx_rows(dyf, xf, of, dxf, r0 * channels, rows, channels, channels, has_out,
+                     training, consts, zero)
     return sum_dy, sum_dy_xmu
 
 
@@ -1015,7 +1095,7 @@ def backward(dy, x, mean, invstd, weight, output, training, out, num_threads=1):
         return np.zeros(x.shape[1]), np.zeros(x.shape[1])
     kernel = _hwc_backward if x.shape[2] == 1 else _chw_backward
     return _run(num_threads, kernel,
-                lambda dy, x, m, i, w, o, has, t, out, group: _reference().backward(
+                lambda dy, x, m, i, w, o, has, t, out, stream, group: _reference().backward(
                     dy, x, m, i, w, o if has else None, t, out),
                 dy, x, mean, invstd, weight, x if output is None else output,
-                output is not None, bool(training), out, GROUP_BYTES)
+                output is not None, bool(training), out, _streamed(out), GROUP_BYTES)

@@ -230,7 +230,8 @@ def _offset_empty(shape, dtype, offset):
 def test_streamed_outputs_equal_cached_stores(monkeypatch, dtype, shape):
     """Outputs above STREAM_ABOVE go out with non-temporal vector stores (aligned body, scalar
     head and tail, channels-last constants read across the end of a row): bit for bit the
-    values of the plain stores, at every alignment of the output, NaN passed by the ReLU."""
+    values of the plain stores, at every alignment of the output, NaN passed by the ReLU; the
+    same for dx (training and frozen, masked by a forward output or not)."""
     rng = np.random.default_rng(8)
     x = (rng.standard_normal(shape) * 2 + 3).astype(dtype)
     x.flat[::97] = np.nan
@@ -239,12 +240,22 @@ def test_streamed_outputs_equal_cached_stores(monkeypatch, dtype, shape):
     w, b = np.linspace(0.5, 1.5, c), np.linspace(-1, 1, c)
     mean, scale = np.linspace(2, 4, c), np.linspace(0.3, 0.6, c).astype(dtype)
 
+    dy = rng.standard_normal(shape).astype(dtype)
+    dy.flat[::89] = np.nan
+    invstd = np.linspace(0.5, 2.0, c)
+
     def run(stream_above, offset):
         monkeypatch.setattr(numba_kernels, "STREAM_ABOVE", stream_above)
         y, ev = _offset_empty(shape, dtype, offset), _offset_empty(shape, dtype, offset)
         stats = numba_kernels.train_forward(x, w, b, 1e-5, residual, True, y, 2)
         numba_kernels.normalize(x, mean, scale, b.astype(dtype), None, False, ev, 2)
-        return [*stats, y.copy(), ev.copy()]
+        results = [*stats, y.copy(), ev.copy()]
+        for output in (None, y):  # dx, and dx masked by the ReLU
+            for training in (True, False):
+                dx = _offset_empty(shape, dtype, offset)
+                results += [*numba_kernels.backward(dy, x, mean, invstd, w, output, training,
+                                                    dx, 2), dx.copy()]
+        return results
 
     cached = run(1 << 62, 0)
     for offset in (0, 1, 3, 7, 64 // np.dtype(dtype).itemsize - 1):
