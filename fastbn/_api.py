@@ -180,15 +180,15 @@ def _update_running_stats(running_mean: np.ndarray, running_var: np.ndarray, mea
     running_var[...] = (1.0 - momentum) * running_var.astype(np.float64) + momentum * unbiased_var
 
 
-_FAST_PATH: list = []
+_FAST_PATHS: dict = {}
 
 
-def _fast_path():
-    """The Cython backend's C-level batch_norm for common calls, when it is the default."""
-    if not _FAST_PATH:
-        default = get_backend(None)
-        _FAST_PATH.append(getattr(default, "fast_batch_norm", None))
-    return _FAST_PATH[0]
+def _fast_path(name: str = "fast_batch_norm"):
+    """The Cython backend's C-level function `name` for common calls (it returns None for the
+    others), when the Cython backend is the default; else None."""
+    if name not in _FAST_PATHS:
+        _FAST_PATHS[name] = getattr(get_backend(None), name, None)
+    return _FAST_PATHS[name]
 
 
 # ----------------------------------------------------------------------------- public functions
@@ -389,6 +389,13 @@ def batch_norm_backward(grad_output: ArrayLike, input: ArrayLike, mean: ArrayLik
     >>> bool(np.abs(dx).max() < 1e-12), db
     (True, array([20., 20., 20.]))
     """
+    if backend is None or backend == "cython":
+        fast = _fast_path("fast_batch_norm_backward")
+        if fast is not None:
+            result = fast(grad_output, input, mean, invstd, weight, axis, training, output,
+                          activation, out, get_num_threads())
+            if result is not None:
+                return result
     module = get_backend(backend)
     x, result_dtype, compute_dtype, axis, dims = _prepare_input(input, axis)
     channels = dims[1]

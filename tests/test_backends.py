@@ -349,6 +349,83 @@ def test_c_fast_path_equals_general_path(rng, dtype, stat_dtype, axis, training,
         assert a.dtype == b.dtype and a.tobytes() == b.tobytes()
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("stat_dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("axis", [1, -1])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("out", ["none", "given", "grad_output", "input", "output"])
+@pytest.mark.parametrize("with_weight", [True, False])
+def test_c_fast_path_backward_equals_general_path(monkeypatch, rng, dtype, stat_dtype, axis,
+                                                  training, relu, out, with_weight):
+    """batch_norm_backward's C-level argument handling against the general path: the fast
+    path is taken for these common calls, and gives the same bits, into `out` when given
+    (which may be grad_output, the input or the forward's output)."""
+    if "cython" not in fastbn.available_backends():
+        pytest.skip("the cython backend is not built")
+    from fastbn import _api, _kernels
+    shape = (5, 6, 7, 3)
+    channels = shape[axis]
+    x = make(rng, shape, dtype, offset=2.0)
+    dy = rng.standard_normal(shape).astype(dtype)
+    weight = rng.standard_normal(channels).astype(stat_dtype) if with_weight else None
+    y, mean, invstd = fastbn.batch_norm(x, None, None, weight, None, True, axis=axis,
+                                        activation="relu", return_stats=True)
+    mean, invstd = mean.astype(stat_dtype), invstd.astype(stat_dtype)
+    taken = []
+
+    def spy(*args):
+        result = _kernels.fast_batch_norm_backward(*args)
+        taken.append(result is not None)
+        return result
+
+    results = []
+    for fast in (spy, None):
+        monkeypatch.setitem(_api._FAST_PATHS, "fast_batch_norm_backward", fast)
+        arrays = {"grad_output": dy.copy(), "input": x.copy(), "output": y.copy()}
+        target = {"none": None, "given": np.empty_like(x)}.get(out, arrays.get(out))
+        grads = fastbn.batch_norm_backward(
+            arrays["grad_output"], arrays["input"], mean, invstd, weight, axis=axis,
+            training=training, output=arrays["output"], activation="relu" if relu else None,
+            out=target, backend="cython")
+        if target is not None:
+            assert grads[0] is target
+        results.append(grads)
+    assert taken == [True]
+    for got, want in zip(*results):
+        assert got.dtype == want.dtype == dtype and got.tobytes() == want.tobytes()
+
+
+@pytest.mark.parametrize("case", ["strided", "dtypes", "overlap", "list", "relu_no_output",
+                                  "bad_weight", "readonly_out"])
+def test_c_fast_path_backward_declines(rng, case):
+    """Calls the C fast path does not handle return None (the general path takes them, and
+    raises for the invalid ones)."""
+    if "cython" not in fastbn.available_backends():
+        pytest.skip("the cython backend is not built")
+    from fastbn import _kernels
+    x = rng.standard_normal((4, 3, 5))
+    dy, out = rng.standard_normal(x.shape), np.empty_like(x)
+    mean, invstd, weight, activation, output = np.zeros(3), np.ones(3), None, None, None
+    if case == "strided":
+        x = np.asfortranarray(x)
+    elif case == "dtypes":
+        dy = dy.astype(np.float32)
+    elif case == "overlap":  # out one element past grad_output
+        buffer = rng.standard_normal(x.size + 1)
+        dy, out = buffer[:-1].reshape(x.shape), buffer[1:].reshape(x.shape)
+    elif case == "list":
+        mean = [0.0, 0.0, 0.0]
+    elif case == "relu_no_output":
+        activation = "relu"
+    elif case == "bad_weight":
+        weight = np.ones(4)
+    elif case == "readonly_out":
+        out.flags.writeable = False
+    assert _kernels.fast_batch_norm_backward(dy, x, mean, invstd, weight, 1, True, output,
+                                             activation, out, 2) is None
+
+
 @pytest.mark.parametrize("momentum", [0.1, 0.3, 0.7])
 def test_c_fast_path_running_stats_bitwise(rng, momentum):
     """Fused multiply-adds in the C update would differ from NumPy's in the last bit."""
