@@ -512,6 +512,19 @@ cdef extern from *:
        rows' sums stay in registers and only the float64 totals (in L1, FASTBN_COLS channels at
        a time) are loaded and stored, once per eight rows. */
     _Static_assert(FASTBN_FLUSH == 8, "fastbn_rows_sums_mem_f32 sums eight rows per pass");
+    /* Prefetch the line at p in each of eight rows (stride C floats) further down. The hardware prefetchers
+       follow one sequential stream well but eight rows read side by side less so: prefetching
+       the next eight rows while summing these made 32x56x56x256 channels-last moments 4.86 ->
+       4.34 ms and 32x112x112x64 4.88 -> 4.03 ms on the Zen 3 (copy 4.75-4.87 ms); 16-64 rows
+       ahead gained less. Prefetches never fault, so the rows past the block's end (or the
+       array's) are harmless. The row-by-row gradient kernels gained nothing from it. */
+    static inline void fastbn_prefetch_rows8(const float *p, Py_ssize_t first, Py_ssize_t C) {
+        /* rows first .. first + 7 after p's, in integer arithmetic: they may lie past the end
+           of the array */
+        uintptr_t a = (uintptr_t)p, stride = (uintptr_t)C * sizeof(float);
+        int j;
+        for (j = 0; j < 8; j++) __builtin_prefetch((const void *)(a + (first + j) * stride), 0, 3);
+    }
     static void fastbn_rows_sums_mem_f32(const float *x, Py_ssize_t rows, Py_ssize_t C,
                                          const double *shift, double *part1, double *part2) {
         const fastbn_v8f zero = {0};
@@ -534,6 +547,8 @@ cdef extern from *:
             for (r = 0; r + 8 <= rows; r += 8) {
                 o = r * C + c0;
                 for (k = 0; k < w; k++, o += 8) {
+                    if ((k & 1) == 0)  /* once per 64-byte line of each row */
+                        fastbn_prefetch_rows8(x + o, 8, C);
                     memcpy(&u0, x + o, 32); memcpy(&u1, x + o + C, 32);
                     memcpy(&u2, x + o + 2 * C, 32); memcpy(&u3, x + o + 3 * C, 32);
                     memcpy(&u4, x + o + 4 * C, 32); memcpy(&u5, x + o + 5 * C, 32);
