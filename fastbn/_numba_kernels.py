@@ -112,17 +112,45 @@ _PARALLEL = dict(parallel=True, cache=True, nogil=True)
 # ----------------------------------------------------------------------------- row helpers
 # They work on rows of `width` elements of flat arrays, row r starting at start + r * stride.
 
+@intrinsic
+def _prefetch(typingctx, arr, index):
+    """Prefetch the cache line of arr[index] for reading (llvm.prefetch); any index: a
+    prefetch never faults."""
+    sig = types.void(arr, index)
+
+    def codegen(context, builder, signature, args):
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        address = builder.bitcast(builder.gep(data, [args[1]]), ir.IntType(8).as_pointer())
+        i32 = ir.IntType(32)
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [address.type, i32, i32, i32]),
+            "llvm.prefetch.p0")
+        builder.call(fn, [address, i32(0), i32(3), i32(1)])
+        return context.get_dummy_value()
+    return sig, codegen
+
+
 @njit(**_JIT)
-def _lanes_moments(xf, start, rows, stride, width, shiftv, s, q):
+def _lanes_moments(xf, start, rows, stride, width, shiftv, s, q, ahead=False):
     """Accumulate the rows into lanes s, q: s[k] += x - shift[k], q[k] += (x - shift[k])**2.
 
     In float64; eight rows are combined per update, so the lanes are loaded and stored once
     per eight elements and the loop's set-up (LLVM's alias checks) is paid once per eight
     rows (four rows per update: 401408x64 channels-last moments 3.5 ms, eight: see the note).
+
+    `ahead`: prefetch the next eight rows first. The hardware prefetchers follow eight rows
+    read side by side less well than one stream: for channels-last rows of 64-512 channels
+    from memory this made moments 7.07 -> 6.12 ms (32x56x56x256) and 5.07 -> 3.67 ms
+    (32x112x112x64), training 11.4 -> 10.9 and 10.6 -> 9.2 ms on the Zen 3; from the cache
+    (8x56x56x64) and for 2048 channels (a burst of 1024 prefetches) it cost 2-10%.
     """
     r = 0
     while r + 8 <= rows:
         b = start + r * stride
+        if ahead:
+            for j in range(8, 16):
+                for p in range(0, width, 16):
+                    _prefetch(xf, b + j * stride + p)
         x0 = xf[b:b + width]
         x1 = xf[b + stride:b + stride + width]
         x2 = xf[b + 2 * stride:b + 2 * stride + width]
@@ -885,10 +913,11 @@ def _hwc_moments(x):
     nblocks = (outer + rb - 1) // rb
     part_s = np.zeros((nblocks, channels))
     part_q = np.zeros((nblocks, channels))
+    ahead = x.nbytes > STREAM_ABOVE and 64 <= channels <= 512
     for b in prange(nblocks):
         r0 = b * rb
         _lanes_moments(xf, r0 * channels, min(outer, r0 + rb) - r0, channels, channels, shift,
-                       part_s[b], part_q[b])
+                       part_s[b], part_q[b], ahead)
     nchunks = (channels + MERGE_CHUNK - 1) // MERGE_CHUNK
     for k in prange(nchunks):
         _hwc_merge_chunk(part_s, part_q, rb, outer, k * MERGE_CHUNK,
