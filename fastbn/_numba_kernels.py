@@ -102,6 +102,11 @@ LONG_RUN = 8192
 # Bytes of input per channel group in the fused channels-first passes: the second pass over a
 # group re-reads data that the first pass left in the cache (fastbn._config.channel_group_bytes).
 GROUP_BYTES = channel_group_bytes()
+# float32 rows summed in float32 before each addition into float64 (see _rows_grad32), for
+# fewer than GRAD32_BELOW channels (as the Cython backend's GRAD_MEM_BELOW: wider rows keep the
+# float64 lanes, whose sums of channels with much cancellation are more accurate).
+FLUSH = 8
+GRAD32_BELOW = 1024
 # Channels per chunk when merging channels-last partials in parallel.
 MERGE_CHUNK = 256
 
@@ -220,6 +225,80 @@ def _lanes_grad(dyf, dstart, dstride, xf, start, rows, stride, width, meanv, s, 
             s[k] += g0
             q[k] += g0 * (x0[k] - meanv[k])
         r += 1
+
+
+def _is_float32(a):
+    """Whether array `a` holds float32 (a compile-time constant in jitted code)."""
+    return a.dtype == np.float32
+
+
+@overload(_is_float32, inline="always")
+def _is_float32_jit(a):
+    flag = a.dtype == types.float32
+    return lambda a: flag
+
+
+@intrinsic
+def _fma(typingctx, a, b, c):
+    """a * b + c rounded once (llvm.fma), for float32 or float64 scalars of one type."""
+    if not (a == b == c and isinstance(a, types.Float)):
+        return None
+    sig = a(a, b, c)
+
+    def codegen(context, builder, signature, args):
+        t = context.get_value_type(signature.return_type)
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(t, [t, t, t]),
+                                            f"llvm.fma.{'f32' if t == ir.FloatType() else 'f64'}")
+        return builder.call(fn, args)
+    return sig, codegen
+
+
+@njit(**_JIT)
+def _rows_grad32(dyf, xf, start, rows, width, mean, s, q):
+    """Channels-last float32 gradient sums of `rows` contiguous rows of `width` channels from
+    `start`, added to the float64 s[c] = sum(g), q[c] = sum(g * (x - mean[c])): row by row
+    into float32 lanes about the float32 mean, flushed into float64 every FLUSH rows (one
+    slice per row and array, so LLVM vectorizes eight floats wide), then corrected by
+    (m - mean) * sum(g), each product added with one rounding (fused multiply-add, as the C
+    compiler contracts the Cython kernel's). A channel whose sums are not finite or tiny
+    (overflow, possible underflow) is summed again in float64. Channels-last backward on the
+    Zen 3 (float64 lanes of _lanes_grad -> these; Cython in the same run): 32x56x56x256
+    17.2 -> 12.9 ms (12.1), 32x112x112x64 13.4 -> 12.7 ms (12.4), 8x56x56x64 0.57 -> 0.53 ms
+    (0.35)."""
+    m = np.empty(width, np.float32)
+    s32 = np.empty(width, np.float32)
+    q32 = np.empty(width, np.float32)
+    t1 = np.zeros(width)
+    t2 = np.zeros(width)
+    for c in range(width):
+        m[c] = np.float32(mean[c])
+    r = 0
+    while r < rows:
+        r1 = min(rows, r + FLUSH)
+        s32[:] = 0.0
+        q32[:] = 0.0
+        for j in range(r, r1):
+            b = start + j * width
+            gs = dyf[b:b + width]
+            xs = xf[b:b + width]
+            for c in range(width):  # float32 casts: no-ops (typed, not run, for float64)
+                g = np.float32(gs[c])
+                s32[c] += g
+                q32[c] = _fma(g, np.float32(xs[c] - m[c]), q32[c])
+        for c in range(width):
+            t1[c] += np.float64(s32[c])
+            t2[c] += np.float64(q32[c])
+        r = r1
+    for c in range(width):
+        sum2 = t2[c] + (np.float64(m[c]) - mean[c]) * t1[c]
+        if np.isfinite(t1[c]) and np.isfinite(sum2) and abs(sum2) >= rows * 1e-30:
+            s[c] += t1[c]
+            q[c] += sum2
+        else:
+            for j in range(rows):
+                g = np.float64(dyf[start + j * width + c])
+                s[c] += g
+                q[c] += g * (xf[start + j * width + c] - mean[c])
 
 
 @njit(**_JIT)
@@ -974,8 +1053,12 @@ def _hwc_backward(dy, x, mean, invstd, weight, output, has_out, training, out, s
     part_q = np.zeros((nblocks, channels))
     for blk in prange(nblocks):
         r0 = blk * rb
-        _grad_sums(dyf, xf, of, has_out, r0 * channels, min(outer, r0 + rb) - r0, channels,
-                   channels, mean, part_s[blk], part_q[blk])
+        if _is_float32(x) and not has_out and channels < GRAD32_BELOW:
+            _rows_grad32(dyf, xf, r0 * channels, min(outer, r0 + rb) - r0, channels, mean,
+                         part_s[blk], part_q[blk])
+        else:
+            _grad_sums(dyf, xf, of, has_out, r0 * channels, min(outer, r0 + rb) - r0, channels,
+                       channels, mean, part_s[blk], part_q[blk])
     sum_dy = np.zeros(channels)
     sum_dy_xmu = np.zeros(channels)
     nchunks = (channels + MERGE_CHUNK - 1) // MERGE_CHUNK
