@@ -7,7 +7,10 @@ Numerics
 --------
 * Statistics are accumulated in float64 about a per-channel shift (the channel's first value), so a
   constant channel has an exact mean and a zero M2. Each block of the data gives (count, mean, M2)
-  from per-lane shifted sums; blocks are merged with Chan's formula in a fixed order.
+  from per-lane shifted sums; blocks are merged with Chan's formula in a fixed order. The
+  channels-last float32 gradient sums of fewer than 1024 channels are summed in float32 over
+  eight rows about the float32 mean before each addition into float64, as in the Cython backend
+  (see _rows_grad32).
 * The decomposition into blocks depends only on the shape, never on the thread count, and every
   partial result is written to its own slot and combined in a fixed order: results are bitwise
   identical for any number of threads (and for the serial fallback below).
