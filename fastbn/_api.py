@@ -402,6 +402,10 @@ def batch_norm_backward(grad_output: ArrayLike, input: ArrayLike, mean: ArrayLik
     relu = _check_activation(activation)
     if relu and output is None:
         raise ValueError("output (the forward's result) is required with activation='relu'")
+    for value, name in ((mean, "mean"), (invstd, "invstd")):
+        if value is None:
+            raise TypeError(f"{name} is required (the forward's, from return_stats=True), "
+                            f"got None")
     mean = _channel_vector(mean, "mean", channels)
     invstd = _channel_vector(invstd, "invstd", channels)
     weight = _channel_vector(weight, "weight", channels, 1.0)

@@ -24,8 +24,8 @@ Normalization computes ``((x - mean_hi) - mean_lo) * scale + shift`` in the data
 subtraction is exact even when ``|mean| >> std``.
 
 Cache blocking: in channels-first training forward and backward, channels are processed in
-groups whose data fits in about half the last-level cache; the second pass over a group
-(normalize, or dx) then reads from cache instead of DRAM.
+groups whose data fits in the cache (fastbn._config.channel_group_bytes); the second pass over
+a group (normalize, or dx) then reads from cache instead of DRAM.
 """
 from cython cimport floating
 from cython.parallel cimport prange, threadid
@@ -1972,7 +1972,7 @@ def fast_batch_norm(input, running_mean, running_var, weight, bias, training, mo
 
     stats: None, or for training a C-contiguous float64 array of shape (2, C) that receives the
     batch mean and biased variance (what the BatchNorm layer keeps for its backward)."""
-    if not _native_float(input, True) or (activation is not None and activation != "relu"):
+    if not _native_float(input, True) or (activation is not None and not (type(activation) is str and activation == "relu")):
         return None
     if type(training) is not bool or type(axis) is not int:
         return None
@@ -2076,10 +2076,10 @@ def fast_batch_norm_backward(grad_output, input, mean, invstd, weight, axis, tra
                              activation, out, int num_threads):
     """batch_norm_backward for the common case (contiguous native float arrays of one dtype,
     per-channel ndarrays, `out` None or such an array), or None when the general path must
-    handle the call. The backward of a (1, 16, 8, 8) call: 12.4 -> 3.5 us here."""
+    handle the call. The backward of a (1, 16, 8, 8) call: 12.4 -> 3.9 us here."""
     if not (_native_float(input, True) and _like(grad_output, <cnp.ndarray> input)):
         return None
-    if type(training) is not bool or (activation is not None and activation != "relu"):
+    if type(training) is not bool or (activation is not None and not (type(activation) is str and activation == "relu")):
         return None
     cdef cnp.ndarray x = <cnp.ndarray> input
     cdef bint relu = activation is not None

@@ -157,7 +157,7 @@ def _lanes_moments(xf, start, rows, stride, width, shiftv, s, q, ahead=False):
         b = start + r * stride
         if ahead:
             for j in range(8, 16):
-                for p in range(0, width, 16):
+                for p in range(0, width, 64 // xf.itemsize):  # one per cache line
                     _prefetch(xf, b + j * stride + p)
         x0 = xf[b:b + width]
         x1 = xf[b + stride:b + stride + width]
@@ -241,29 +241,13 @@ def _is_float32_jit(a):
     return lambda a: flag
 
 
-@intrinsic
-def _fma(typingctx, a, b, c):
-    """a * b + c rounded once (llvm.fma), for float32 or float64 scalars of one type."""
-    if not (a == b == c and isinstance(a, types.Float)):
-        return None
-    sig = a(a, b, c)
-
-    def codegen(context, builder, signature, args):
-        t = context.get_value_type(signature.return_type)
-        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(t, [t, t, t]),
-                                            f"llvm.fma.{'f32' if t == ir.FloatType() else 'f64'}")
-        return builder.call(fn, args)
-    return sig, codegen
-
-
 @njit(**_JIT)
 def _rows_grad32(dyf, xf, start, rows, width, mean, s, q):
     """Channels-last float32 gradient sums of `rows` contiguous rows of `width` channels from
     `start`, added to the float64 s[c] = sum(g), q[c] = sum(g * (x - mean[c])): row by row
     into float32 lanes about the float32 mean, flushed into float64 every FLUSH rows (one
     slice per row and array, so LLVM vectorizes eight floats wide), then corrected by
-    (m - mean) * sum(g), each product added with one rounding (fused multiply-add, as the C
-    compiler contracts the Cython kernel's). A channel whose sums are not finite or tiny
+    (m - mean) * sum(g). A channel whose sums are not finite or tiny
     (overflow, possible underflow) is summed again in float64. Channels-last backward on the
     Zen 3 (float64 lanes of _lanes_grad -> these; Cython in the same run): 32x56x56x256
     17.2 -> 12.9 ms (12.1), 32x112x112x64 13.4 -> 12.7 ms (12.4), 8x56x56x64 0.57 -> 0.53 ms
@@ -287,7 +271,7 @@ def _rows_grad32(dyf, xf, start, rows, width, mean, s, q):
             for c in range(width):  # float32 casts: no-ops (typed, not run, for float64)
                 g = np.float32(gs[c])
                 s32[c] += g
-                q32[c] = _fma(g, np.float32(xs[c] - m[c]), q32[c])
+                q32[c] += g * np.float32(xs[c] - m[c])
         for c in range(width):
             t1[c] += np.float64(s32[c])
             t2[c] += np.float64(q32[c])
@@ -984,8 +968,9 @@ def _chw_backward(dy, x, mean, invstd, weight, output, has_out, training, out, s
 # ------------------------------------------------------------------------- channels-last kernels
 
 @njit(**_PARALLEL)
-def _hwc_moments(x):
-    """mean and M2 of every channel of a channels-last (rows, C, 1) view."""
+def _hwc_moments(x, from_memory):
+    """mean and M2 of every channel of a channels-last (rows, C, 1) view; `from_memory`: x is
+    larger than the cache can hold (see _lanes_moments' `ahead`)."""
     outer, channels, _ = x.shape
     xf = x.reshape(x.size)
     shift = _shift_of(x)
@@ -995,7 +980,7 @@ def _hwc_moments(x):
     nblocks = (outer + rb - 1) // rb
     part_s = np.zeros((nblocks, channels))
     part_q = np.zeros((nblocks, channels))
-    ahead = x.nbytes > STREAM_ABOVE and 64 <= channels <= 512
+    ahead = from_memory and 64 <= channels <= 512
     for b in prange(nblocks):
         r0 = b * rb
         _lanes_moments(xf, r0 * channels, min(outer, r0 + rb) - r0, channels, channels, shift,
@@ -1093,7 +1078,7 @@ def _hwc_backward(dy, x, mean, invstd, weight, output, has_out, training, out, s
 def _hwc_train(x, weight, bias, eps, residual, has_res, relu, out, stream, group_bytes):
     """Channels-last training forward (group_bytes: unused, the interface of _chw_train)."""
     outer, channels, _ = x.shape
-    mean, m2 = _hwc_moments(x)
+    mean, m2 = _hwc_moments(x, stream)
     var = np.empty(channels)
     consts = np.empty((4, channels), x.dtype)
     _affine_constants(mean, m2, np.float64(outer), weight, bias, eps, var, consts, 0, channels)
@@ -1169,8 +1154,11 @@ def moments(x, num_threads=1):
     count = x.shape[0] * x.shape[2]
     if count == 0 or x.shape[1] == 0:
         return count, np.zeros(x.shape[1]), np.zeros(x.shape[1])
-    kernel = _hwc_moments if x.shape[2] == 1 else _chw_moments
-    mean, m2 = _run(num_threads, kernel, lambda x: _reference().moments(x)[1:], x)
+    if x.shape[2] == 1:
+        mean, m2 = _run(num_threads, _hwc_moments, lambda x, _: _reference().moments(x)[1:], x,
+                        _streamed(x))
+    else:
+        mean, m2 = _run(num_threads, _chw_moments, lambda x: _reference().moments(x)[1:], x)
     return count, mean, m2
 
 

@@ -396,8 +396,41 @@ def test_c_fast_path_backward_equals_general_path(monkeypatch, rng, dtype, stat_
         assert got.dtype == want.dtype == dtype and got.tobytes() == want.tobytes()
 
 
+@pytest.mark.parametrize("shape,axis", [((8, 64, 56, 56), 1), ((8, 56, 56, 64), -1),
+                                        ((3, 200000), 0)])
+def test_c_fast_path_backward_large(monkeypatch, rng, shape, axis):
+    """The fast path on tensors split over threads and channel groups (and axis 0): the
+    general path's bits, written over grad_output, with and without the ReLU mask."""
+    if "cython" not in fastbn.available_backends():
+        pytest.skip("the cython backend is not built")
+    from fastbn import _api, _kernels
+    x = (rng.standard_normal(shape) + 1).astype(np.float32)
+    y, mean, invstd = fastbn.batch_norm(x, None, None, training=True, axis=axis,
+                                        activation="relu", return_stats=True)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    for relu in (False, True):
+        results = []
+        for fast in (True, False):
+            with monkeypatch.context() as patch:
+                path = _kernels.fast_batch_norm_backward if fast else None
+                patch.setitem(_api._FAST_PATHS, "fast_batch_norm_backward", path)
+                grad = dy.copy()
+                results.append(fastbn.batch_norm_backward(
+                    grad, x, mean, invstd, axis=axis, output=y,
+                    activation="relu" if relu else None, out=grad))
+            assert results[-1][0] is grad
+        for got, want in zip(*results):
+            assert got.tobytes() == want.tobytes()
+
+
+class _Subclass(np.ndarray):
+    pass
+
+
 @pytest.mark.parametrize("case", ["strided", "dtypes", "overlap", "list", "relu_no_output",
-                                  "bad_weight", "readonly_out"])
+                                  "bad_weight", "readonly_out", "activation_object", "axis",
+                                  "numpy_bool", "empty", "byteswapped", "subclass",
+                                  "overlaps_input", "mean_none"])
 def test_c_fast_path_backward_declines(rng, case):
     """Calls the C fast path does not handle return None (the general path takes them, and
     raises for the invalid ones)."""
@@ -407,6 +440,7 @@ def test_c_fast_path_backward_declines(rng, case):
     x = rng.standard_normal((4, 3, 5))
     dy, out = rng.standard_normal(x.shape), np.empty_like(x)
     mean, invstd, weight, activation, output = np.zeros(3), np.ones(3), None, None, None
+    axis, training = 1, True
     if case == "strided":
         x = np.asfortranarray(x)
     elif case == "dtypes":
@@ -422,8 +456,27 @@ def test_c_fast_path_backward_declines(rng, case):
         weight = np.ones(4)
     elif case == "readonly_out":
         out.flags.writeable = False
-    assert _kernels.fast_batch_norm_backward(dy, x, mean, invstd, weight, 1, True, output,
-                                             activation, out, 2) is None
+    elif case == "activation_object":  # equal to "relu" without being a str
+        activation, output = type("R", (), {"__eq__": lambda s, o: o == "relu",
+                                            "__ne__": lambda s, o: o != "relu",
+                                            "__hash__": object.__hash__})(), x.copy()
+    elif case == "axis":
+        axis = 3
+    elif case == "numpy_bool":
+        training = np.bool_(True)
+    elif case == "empty":
+        x, dy, out = x[:0], dy[:0], out[:0]
+    elif case == "byteswapped":
+        x = x.astype(x.dtype.newbyteorder())
+    elif case == "subclass":
+        x = x.view(_Subclass)
+    elif case == "overlaps_input":  # out one element past the input
+        buffer = rng.standard_normal(x.size + 1)
+        x, out = buffer[:-1].reshape(x.shape), buffer[1:].reshape(x.shape)
+    elif case == "mean_none":
+        mean = None
+    assert _kernels.fast_batch_norm_backward(dy, x, mean, invstd, weight, axis, training,
+                                             output, activation, out, 2) is None
 
 
 @pytest.mark.parametrize("momentum", [0.1, 0.3, 0.7])

@@ -87,6 +87,17 @@ def test_failed_call_leaves_running_stats_and_out(backend):
     assert (rm == 0.5).all() and (rv == 2.0).all() and (out == 7.0).all()
 
 
+class _LooksLikeRelu:
+    """Equal to "relu" without being a str."""
+    def __eq__(self, other):
+        return other == "relu"
+
+    def __ne__(self, other):
+        return other != "relu"
+
+    __hash__ = object.__hash__
+
+
 BACKWARD_CASES = [
     ("shape mismatch", dict(grad_output=np.ones((4, C, 6))), ValueError, "grad_output"),
     ("relu without output", dict(activation="relu"), ValueError, "output"),
@@ -100,6 +111,10 @@ BACKWARD_CASES = [
     ("complex grad", dict(grad_output=np.ones((4, C, 5), complex)), TypeError, "grad_output"),
     ("ndim < 2", dict(input=np.ones(4), grad_output=np.ones(4)), ValueError, "input"),
     ("axis out of range", dict(axis=-5), ValueError, "axis"),
+    ("mean None", dict(mean=None, out="writable"), TypeError, "mean"),
+    ("invstd None", dict(invstd=None, out="writable"), TypeError, "invstd"),
+    ("activation not a str", dict(activation=_LooksLikeRelu(), output=np.ones((4, C, 5)),
+                                  out="writable"), ValueError, "activation"),
 ]
 
 
@@ -113,6 +128,8 @@ def test_backward_rejects(backend, description, overrides, error, words):
         if isinstance(value, str) and value == "readonly":
             value = np.empty_like(x)
             value.flags.writeable = False
+        elif isinstance(value, str) and value == "writable":  # must stay as it is
+            value = np.full_like(x, 7.0)
         kwargs[key] = value
     snapshot = {k: v.copy() for k, v in kwargs.items() if isinstance(v, np.ndarray)}
     with pytest.raises(error, match=words):

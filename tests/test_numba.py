@@ -240,8 +240,13 @@ def test_streamed_outputs_equal_cached_stores(monkeypatch, dtype, shape):
     w, b = np.linspace(0.5, 1.5, c), np.linspace(-1, 1, c)
     mean, scale = np.linspace(2, 4, c), np.linspace(0.3, 0.6, c).astype(dtype)
 
+    # dx: NaN kept to the first channel (elsewhere it would make every dx NaN and every mask
+    # false), the mask from a random-sign array
+    xb = (rng.standard_normal(shape) * 2 + 3).astype(dtype)
     dy = rng.standard_normal(shape).astype(dtype)
-    dy.flat[::89] = np.nan
+    if c > 1:
+        xb[:, 0].flat[::7] = np.nan
+        dy[:, 0].flat[::5] = np.nan
     invstd = np.linspace(0.5, 2.0, c)
 
     def run(stream_above, offset):
@@ -250,14 +255,54 @@ def test_streamed_outputs_equal_cached_stores(monkeypatch, dtype, shape):
         stats = numba_kernels.train_forward(x, w, b, 1e-5, residual, True, y, 2)
         numba_kernels.normalize(x, mean, scale, b.astype(dtype), None, False, ev, 2)
         results = [*stats, y.copy(), ev.copy()]
-        for output in (None, y):  # dx, and dx masked by the ReLU
+        for output in (None, residual):  # dx, and dx masked where output <= 0
             for training in (True, False):
                 dx = _offset_empty(shape, dtype, offset)
-                results += [*numba_kernels.backward(dy, x, mean, invstd, w, output, training,
+                results += [*numba_kernels.backward(dy, xb, mean, invstd, w, output, training,
                                                     dx, 2), dx.copy()]
         return results
 
     cached = run(1 << 62, 0)
+    assert np.isfinite(cached[-1]).mean() > 0.5  # the last dx (frozen, masked) is not all NaN
     for offset in (0, 1, 3, 7, 64 // np.dtype(dtype).itemsize - 1):
         for got, want in zip(run(0, offset), cached):
             assert got.tobytes() == want.tobytes()
+
+
+@pytest.mark.parametrize("channels", [64, 97, 1030])
+def test_channels_last_float32_gradient_sums(channels):
+    """Channels-last float32 gradient sums in float32 lanes (_rows_grad32, below
+    GRAD32_BELOW channels) over several row blocks: the same bits for 1 and 2 threads, the
+    reference's values, NaN and inf kept to their channels, a tiny gradient not lost to
+    underflow, a large offset."""
+    rng = np.random.default_rng(11)
+    rows = max(4, 3 * numba_kernels.BLOCK_NHWC // channels + 5)  # 3+ blocks, a partial one
+    x = (rng.standard_normal((rows, channels, 1)) * 3 + 1e4).astype(np.float32)
+    dy = rng.standard_normal((rows, channels, 1)).astype(np.float32)
+    x[::3, 1] = np.nan
+    dy[5, 2] = np.inf
+    dy[:, 3] = 1e-38
+    mean = x.astype(np.float64).mean(axis=(0, 2))
+    mean[1] = 0.0
+    invstd, weight = np.ones(channels), rng.standard_normal(channels)
+    runs = []
+    for threads in (1, 2):
+        dx = np.empty_like(x)
+        runs.append([*numba_kernels.backward(dy, x, mean, invstd, weight, None, True, dx,
+                                             threads), dx])
+    for got, want in zip(*runs):
+        assert got.tobytes() == want.tobytes()
+    from fastbn import _reference
+    dx = np.empty_like(x)
+    with np.errstate(invalid="ignore"):  # inf - inf in the inf channel's dx
+        want = [*_reference.backward(dy, x, mean, invstd, weight, None, True, dx), dx]
+    sum_dy, sum_dy_xmu = runs[0][:2]
+    assert np.isnan(sum_dy_xmu[1]) and np.isinf(sum_dy[2]) and sum_dy[3] > 0.0
+    keep = np.arange(channels) > 3
+    # float32 rounding of each term and each eight-row sum: errors relative to the sum of the
+    # terms' magnitudes (the sums themselves cancel)
+    g, d = dy.astype(np.float64)[:, :, 0], x.astype(np.float64)[:, :, 0] - mean
+    for got, exact, terms in ((sum_dy, want[0], np.abs(g)), (sum_dy_xmu, want[1], np.abs(g * d))):
+        bound = 1e-6 * terms.sum(axis=0)[keep]
+        assert (np.abs(got[keep] - exact[keep]) <= bound).all()
+    np.testing.assert_allclose(sum_dy[3], want[0][3], rtol=1e-6)
