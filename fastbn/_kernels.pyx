@@ -214,6 +214,15 @@ cdef extern from *:
     FASTBN_SPAN_GRAD_SUMS(fastbn_span_grad_sums_wide_f32, float)
     FASTBN_SPAN_GRAD_SUMS(fastbn_span_grad_sums_f64, double)
 
+    /* Whether float32 gradient sums of n values must be redone in float64: not finite, or so
+       tiny that products may have underflowed. Both sums exactly zero are kept: that is a
+       channel whose gradient is all zero (a ReLU that never fired), where float64 gives the
+       same zeros, and redoing it cost a strided re-read per block (32x56x56x256 masked
+       backward with half the channels dead: 45.2 ms, against 19.0 ms with a random mask). */
+    static inline int fastbn_grad_redo(double sum1, double sum2, Py_ssize_t n) {
+        if (!__builtin_isfinite(sum1) || !__builtin_isfinite(sum2)) return 1;
+        return __builtin_fabs(sum2) < n * 1e-30 && !(sum1 == 0.0 && sum2 == 0.0);
+    }
     /* float32 gradient sums, the same way as fastbn_span_sums_f32: g * (x - m) with m the mean
        rounded to float32 (the data is already centred on it), summed in float32 lanes FLUSH
        vectors at a time, then in float64, and corrected by (m - mean) * sum(g). Non-finite or
@@ -255,8 +264,7 @@ cdef extern from *:
         }
         total1 = ((s1[0] + s1[1]) + (s1[2] + s1[3])) + tail1;
         total2 = ((s2[0] + s2[1]) + (s2[2] + s2[3])) + tail2;
-        if (!__builtin_isfinite(total1) || !__builtin_isfinite(total2)
-                || __builtin_fabs(total2) < n * 1e-30) {
+        if (fastbn_grad_redo(total1, total2, n)) {
             fastbn_span_grad_sums_wide_f32(dy, x, out, n, mean, sum_dy, sum_dy_xmu);
             return;
         }
@@ -400,8 +408,7 @@ cdef extern from *:
             c = c0 + k;
             sum1 = t1[k / 4][k % 4];
             sum2 = t2[k / 4][k % 4];
-            if (!__builtin_isfinite(sum1) || !__builtin_isfinite(sum2)
-                    || __builtin_fabs(sum2) < rows * 1e-30) {
+            if (fastbn_grad_redo(sum1, sum2, rows)) {
                 fastbn_rows_grad_wide_f32(dy, x, out, rows, C, c, mean, part1, part2);
                 continue;
             }

@@ -278,7 +278,8 @@ def _rows_grad32(dyf, xf, start, rows, width, mean, s, q):
         r = r1
     for c in range(width):
         sum2 = t2[c] + (np.float64(m[c]) - mean[c]) * t1[c]
-        if np.isfinite(t1[c]) and np.isfinite(sum2) and abs(sum2) >= rows * 1e-30:
+        tiny = abs(sum2) < rows * 1e-30 and not (t1[c] == 0.0 and sum2 == 0.0)  # see Cython
+        if np.isfinite(t1[c]) and np.isfinite(sum2) and not tiny:                # grad_redo
             s[c] += t1[c]
             q[c] += sum2
         else:

@@ -423,6 +423,43 @@ def test_c_fast_path_backward_large(monkeypatch, rng, shape, axis):
             assert got.tobytes() == want.tobytes()
 
 
+@pytest.mark.parametrize("shape,axis", [((4, 8, 40, 40), 1), ((4, 40, 40, 72), -1),
+                                        ((3000, 96), 1)])
+def test_dead_relu_channels(fast_backend, rng, shape, axis):
+    """Channels whose ReLU never fired get exactly zero gradient sums (the float32 sums keep
+    their exact zeros instead of redoing the channel in float64) and the reference's dx; the
+    live channels are unaffected; any thread count."""
+    x = (rng.standard_normal(shape) + 3).astype(np.float32)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    output = rng.standard_normal(shape).astype(np.float32)
+    channels = shape[axis]
+    dead = np.zeros(channels, bool)
+    dead[::3] = True
+    index = [slice(None)] * len(shape)
+    index[axis] = dead
+    output[tuple(index)] = -1.0
+    mean = x.astype(np.float64).mean(axis=tuple(a for a in range(len(shape))
+                                                if a != axis % len(shape)))
+    invstd = np.full(channels, 0.7)
+    runs = []
+    for threads in (1, 2):
+        fastbn.set_num_threads(threads)
+        try:
+            runs.append(fastbn.batch_norm_backward(dy, x, mean, invstd, axis=axis, output=output,
+                                                   activation="relu", backend=fast_backend))
+        finally:
+            fastbn.set_num_threads(None)
+    for got, want in zip(*runs):
+        assert got.tobytes() == want.tobytes()
+    dx, dweight, dbias = runs[0]
+    assert (dweight[dead] == 0).all() and (dbias[dead] == 0).all()
+    assert (dx[tuple(index)] == 0).all()
+    want = fastbn.batch_norm_backward(dy, x, mean, invstd, axis=axis, output=output,
+                                      activation="relu", backend="numpy")
+    assert_close(dx, want[0], np.float32)
+    np.testing.assert_allclose(dbias, want[2], rtol=1e-5, atol=1e-4)
+
+
 class _Subclass(np.ndarray):
     pass
 
