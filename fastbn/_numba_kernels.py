@@ -242,9 +242,11 @@ def _is_float32_jit(a):
 
 
 @njit(**_JIT)
-def _rows_grad32(dyf, xf, start, rows, width, mean, s, q):
+def _rows_grad32(dyf, xf, of, has_out, start, rows, width, mean, s, q):
     """Channels-last float32 gradient sums of `rows` contiguous rows of `width` channels from
-    `start`, added to the float64 s[c] = sum(g), q[c] = sum(g * (x - mean[c])): row by row
+    `start`, added to the float64 s[c] = sum(g), q[c] = sum(g * (x - mean[c])), g = dy, or dy
+    where the forward output `of` > 0 when `has_out` (in the loop: 32x56x56x256 masked backward
+    27.6 -> 24.7 ms against the scratch copy of _grad_sums; Cython 22.9 ms): row by row
     into float32 lanes about the float32 mean, flushed into float64 every FLUSH rows (one
     slice per row and array, so LLVM vectorizes eight floats wide), then corrected by
     (m - mean) * sum(g). A channel whose sums are not finite or tiny
@@ -268,10 +270,17 @@ def _rows_grad32(dyf, xf, start, rows, width, mean, s, q):
             b = start + j * width
             gs = dyf[b:b + width]
             xs = xf[b:b + width]
-            for c in range(width):  # float32 casts: no-ops (typed, not run, for float64)
-                g = np.float32(gs[c])
-                s32[c] += g
-                q32[c] += g * np.float32(xs[c] - m[c])
+            os = of[b:b + width]
+            if has_out:  # masked: its own loop, so that both vectorize
+                for c in range(width):
+                    g = np.float32(gs[c]) if os[c] > 0 else np.float32(0.0)
+                    s32[c] += g
+                    q32[c] += g * np.float32(xs[c] - m[c])
+            else:
+                for c in range(width):  # float32 casts: no-ops (typed, not run, for float64)
+                    g = np.float32(gs[c])
+                    s32[c] += g
+                    q32[c] += g * np.float32(xs[c] - m[c])
         for c in range(width):
             t1[c] += np.float64(s32[c])
             t2[c] += np.float64(q32[c])
@@ -284,9 +293,10 @@ def _rows_grad32(dyf, xf, start, rows, width, mean, s, q):
             q[c] += sum2
         else:
             for j in range(rows):
-                g = np.float64(dyf[start + j * width + c])
+                k = start + j * width + c
+                g = np.float64(dyf[k]) if not has_out or of[k] > 0 else 0.0
                 s[c] += g
-                q[c] += g * (xf[start + j * width + c] - mean[c])
+                q[c] += g * (xf[k] - mean[c])
 
 
 @njit(**_JIT)
@@ -1042,9 +1052,9 @@ def _hwc_backward(dy, x, mean, invstd, weight, output, has_out, training, out, s
     part_q = np.zeros((nblocks, channels))
     for blk in prange(nblocks):
         r0 = blk * rb
-        if _is_float32(x) and not has_out and channels < GRAD32_BELOW:
-            _rows_grad32(dyf, xf, r0 * channels, min(outer, r0 + rb) - r0, channels, mean,
-                         part_s[blk], part_q[blk])
+        if _is_float32(x) and channels < GRAD32_BELOW:
+            _rows_grad32(dyf, xf, of, has_out, r0 * channels, min(outer, r0 + rb) - r0,
+                         channels, mean, part_s[blk], part_q[blk])
         else:
             _grad_sums(dyf, xf, of, has_out, r0 * channels, min(outer, r0 + rb) - r0, channels,
                        channels, mean, part_s[blk], part_q[blk])

@@ -269,8 +269,9 @@ def test_streamed_outputs_equal_cached_stores(monkeypatch, dtype, shape):
             assert got.tobytes() == want.tobytes()
 
 
+@pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("channels", [64, 97, 1030])
-def test_channels_last_float32_gradient_sums(channels):
+def test_channels_last_float32_gradient_sums(channels, masked):
     """Channels-last float32 gradient sums in float32 lanes (_rows_grad32, below
     GRAD32_BELOW channels) over several row blocks: the same bits for 1 and 2 threads, the
     reference's values, NaN and inf kept to their channels, a tiny gradient not lost to
@@ -285,23 +286,30 @@ def test_channels_last_float32_gradient_sums(channels):
     mean = x.astype(np.float64).mean(axis=(0, 2))
     mean[1] = 0.0
     invstd, weight = np.ones(channels), rng.standard_normal(channels)
+    output = None
+    if masked:  # the ReLU's forward output: about half masked, NaN masked too
+        output = rng.standard_normal(x.shape).astype(np.float32)
+        output[::7, 5] = np.nan
+        output[:, 1:4] = 1.0  # the NaN, inf and tiny channels stay unmasked
     runs = []
     for threads in (1, 2):
         dx = np.empty_like(x)
-        runs.append([*numba_kernels.backward(dy, x, mean, invstd, weight, None, True, dx,
+        runs.append([*numba_kernels.backward(dy, x, mean, invstd, weight, output, True, dx,
                                              threads), dx])
     for got, want in zip(*runs):
         assert got.tobytes() == want.tobytes()
     from fastbn import _reference
     dx = np.empty_like(x)
     with np.errstate(invalid="ignore"):  # inf - inf in the inf channel's dx
-        want = [*_reference.backward(dy, x, mean, invstd, weight, None, True, dx), dx]
+        want = [*_reference.backward(dy, x, mean, invstd, weight, output, True, dx), dx]
     sum_dy, sum_dy_xmu = runs[0][:2]
     assert np.isnan(sum_dy_xmu[1]) and np.isinf(sum_dy[2]) and sum_dy[3] > 0.0
     keep = np.arange(channels) > 3
     # float32 rounding of each term and each eight-row sum: errors relative to the sum of the
     # terms' magnitudes (the sums themselves cancel)
     g, d = dy.astype(np.float64)[:, :, 0], x.astype(np.float64)[:, :, 0] - mean
+    if masked:
+        g = np.where(output[:, :, 0] > 0, g, 0.0)
     for got, exact, terms in ((sum_dy, want[0], np.abs(g)), (sum_dy_xmu, want[1], np.abs(g * d))):
         bound = 1e-6 * terms.sum(axis=0)[keep]
         assert (np.abs(got[keep] - exact[keep]) <= bound).all()
