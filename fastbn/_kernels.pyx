@@ -1973,79 +1973,6 @@ cdef _fast_run(floating* tag, cnp.ndarray x, object running_mean, object running
         _elementwise(&E, yp, L, 0, C)
 
 
-def fast_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
-                    axis, out, activation, int num_threads, stats=None):
-    """batch_norm for the common case, or None when the general path must handle the call.
-
-    stats: None, or for training a C-contiguous float64 array of shape (2, C) that receives the
-    batch mean and biased variance (what the BatchNorm layer keeps for its backward)."""
-    if not _native_float(input, True) or (activation is not None and not (type(activation) is str and activation == "relu")):
-        return None
-    if type(training) is not bool or type(axis) is not int:
-        return None
-    if type(eps) is not float or type(momentum) is not float or not (eps >= 0.0) or not (
-            0.0 <= momentum <= 1.0):
-        return None
-    cdef cnp.ndarray x = <cnp.ndarray> input
-    cdef int ndim = cnp.PyArray_NDIM(x)
-    if ndim < 2 or not (-ndim <= axis < ndim):  # compared as Python ints: no overflow
-        return None
-    cdef int ax = axis
-    if ax < 0:
-        ax += ndim
-    cdef Py_ssize_t outer = 1, inner = 1, C = cnp.PyArray_DIM(x, ax), i
-    for i in range(ax):
-        outer *= cnp.PyArray_DIM(x, i)
-    for i in range(ax + 1, ndim):
-        inner *= cnp.PyArray_DIM(x, i)
-    if not (_channel_vector_ok(weight, C) and _channel_vector_ok(bias, C)
-            and _channel_vector_ok(running_mean, C) and _channel_vector_ok(running_var, C)):
-        return None
-    if (running_mean is None) != (running_var is None):
-        return None
-    if training:
-        if outer * inner < 2:
-            return None
-        if running_mean is not None and not (
-                cnp.PyArray_ISWRITEABLE(<cnp.ndarray> running_mean)
-                and cnp.PyArray_ISWRITEABLE(<cnp.ndarray> running_var)):
-            return None
-    elif running_mean is None:
-        return None
-    cdef cnp.ndarray y
-    if out is None:
-        y = cnp.PyArray_EMPTY(ndim, cnp.PyArray_DIMS(x), cnp.PyArray_TYPE(x), 0)
-    else:
-        if not (_native_float(out, True) and cnp.PyArray_TYPE(<cnp.ndarray> out)
-                == cnp.PyArray_TYPE(x) and cnp.PyArray_ISWRITEABLE(<cnp.ndarray> out)
-                and cnp.PyArray_SAMESHAPE(<cnp.ndarray> out, x)):
-            return None
-        y = <cnp.ndarray> out
-        if y is not x and _overlaps(y, x):
-            return None
-    if stats is not None and not (
-            training and cnp.PyArray_CheckExact(stats)
-            and cnp.PyArray_TYPE(<cnp.ndarray> stats) == cnp.NPY_FLOAT64
-            and cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray> stats)
-            and cnp.PyArray_ISWRITEABLE(<cnp.ndarray> stats)
-            and cnp.PyArray_SIZE(<cnp.ndarray> stats) == 2 * C):
-        return None
-    cdef Layout L
-    L.outer = outer
-    L.channels = C
-    L.inner = inner
-    _plan(&L, x.itemsize, cnp.PyArray_SIZE(x), num_threads)
-    cdef bint is_training = training, relu = activation is not None
-    cdef double momentum_ = momentum, eps_ = eps
-    if cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT32:
-        _fast_run(<float*> NULL, x, running_mean, running_var, weight, bias, is_training,
-                  momentum_, eps_, y, relu, L, stats)
-    else:
-        _fast_run(<double*> NULL, x, running_mean, running_var, weight, bias, is_training,
-                  momentum_, eps_, y, relu, L, stats)
-    return y
-
-
 cdef bint _layout_of(cnp.ndarray x, object axis, Layout* L, int num_threads):
     """L for `x` with its channels on `axis` (a Python int), or False for an axis out of range."""
     cdef int ndim = cnp.PyArray_NDIM(x), ax, i
@@ -2077,6 +2004,65 @@ cdef inline bint _clashes(cnp.ndarray out, object operand):
     if operand is None or cnp.PyArray_DATA(out) == cnp.PyArray_DATA(<cnp.ndarray> operand):
         return False
     return _overlaps(out, <cnp.ndarray> operand)
+
+
+def fast_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                    axis, out, activation, int num_threads, stats=None):
+    """batch_norm for the common case, or None when the general path must handle the call.
+
+    stats: None, or for training a C-contiguous float64 array of shape (2, C) that receives the
+    batch mean and biased variance (what the BatchNorm layer keeps for its backward)."""
+    if not _native_float(input, True) or (activation is not None and not (type(activation) is str and activation == "relu")):
+        return None
+    if type(training) is not bool or type(axis) is not int:
+        return None
+    if type(eps) is not float or type(momentum) is not float or not (eps >= 0.0) or not (
+            0.0 <= momentum <= 1.0):
+        return None
+    cdef cnp.ndarray x = <cnp.ndarray> input
+    cdef Layout L
+    if not _layout_of(x, axis, &L, num_threads):
+        return None
+    cdef Py_ssize_t C = L.channels
+    if not (_channel_vector_ok(weight, C) and _channel_vector_ok(bias, C)
+            and _channel_vector_ok(running_mean, C) and _channel_vector_ok(running_var, C)):
+        return None
+    if (running_mean is None) != (running_var is None):
+        return None
+    if training:
+        if L.outer * L.inner < 2:
+            return None
+        if running_mean is not None and not (
+                cnp.PyArray_ISWRITEABLE(<cnp.ndarray> running_mean)
+                and cnp.PyArray_ISWRITEABLE(<cnp.ndarray> running_var)):
+            return None
+    elif running_mean is None:
+        return None
+    cdef cnp.ndarray y
+    if out is None:
+        y = cnp.PyArray_EMPTY(cnp.PyArray_NDIM(x), cnp.PyArray_DIMS(x), cnp.PyArray_TYPE(x), 0)
+    else:
+        if not (_like(out, x) and cnp.PyArray_ISWRITEABLE(<cnp.ndarray> out)):
+            return None
+        y = <cnp.ndarray> out
+        if y is not x and _overlaps(y, x):
+            return None
+    if stats is not None and not (
+            training and cnp.PyArray_CheckExact(stats)
+            and cnp.PyArray_TYPE(<cnp.ndarray> stats) == cnp.NPY_FLOAT64
+            and cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray> stats)
+            and cnp.PyArray_ISWRITEABLE(<cnp.ndarray> stats)
+            and cnp.PyArray_SIZE(<cnp.ndarray> stats) == 2 * C):
+        return None
+    cdef bint is_training = training, relu = activation is not None
+    cdef double momentum_ = momentum, eps_ = eps
+    if cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT32:
+        _fast_run(<float*> NULL, x, running_mean, running_var, weight, bias, is_training,
+                  momentum_, eps_, y, relu, L, stats)
+    else:
+        _fast_run(<double*> NULL, x, running_mean, running_var, weight, bias, is_training,
+                  momentum_, eps_, y, relu, L, stats)
+    return y
 
 
 def fast_batch_norm_backward(grad_output, input, mean, invstd, weight, axis, training, output,
