@@ -169,48 +169,6 @@ cdef extern from *:
     #define FASTBN_SAMPLE_ROWS 16
     #define FASTBN_WIDEN(v) (__builtin_convertvector(__builtin_shufflevector(v, v, 0, 1, 2, 3), fastbn_v4d) \
                              + __builtin_convertvector(__builtin_shufflevector(v, v, 4, 5, 6, 7), fastbn_v4d))
-    static void fastbn_span_sums_f32(const float *x, Py_ssize_t n, double shift, double *sum1,
-                                     double *sum2) {
-        const fastbn_v8f zero = {0};
-        fastbn_v8f p = zero, q = zero, r = zero, t = zero, u, w, m8;
-        fastbn_v4d s1 = {0, 0, 0, 0}, s2 = s1;
-        double tail1 = 0.0, tail2 = 0.0, d, total1, total2, delta;
-        float m;
-        Py_ssize_t i, k, sample, body = n / 16 * 16;
-        if (n < 64) { fastbn_span_sums_wide_f32(x, n, shift, sum1, sum2); return; }
-        m8 = zero + x[0];
-        sample = FASTBN_SAMPLE < body ? FASTBN_SAMPLE : body;
-        for (i = 0; i < sample; i += 16) {
-            memcpy(&u, x + i, 32); memcpy(&w, x + i + 8, 32);
-            p += u - m8; q += w - m8;
-        }
-        p += q;
-        m = x[0] + (float)((((double)p[0] + p[1]) + ((double)p[2] + p[3])
-                            + (((double)p[4] + p[5]) + ((double)p[6] + p[7]))) / sample);
-        m8 = zero + m;
-        for (i = 0; i < body;) {
-            p = q = r = t = zero;
-            for (k = 0; k < FASTBN_FLUSH && i < body; k++, i += 16) {
-                memcpy(&u, x + i, 32); memcpy(&w, x + i + 8, 32);
-                u -= m8; w -= m8;
-                p += u; q += w; r += u * u; t += w * w;
-            }
-            p += q; r += t;
-            s1 += FASTBN_WIDEN(p);
-            s2 += FASTBN_WIDEN(r);
-        }
-        for (i = body; i < n; i++) { d = (double)x[i] - m; tail1 += d; tail2 += d * d; }
-        total1 = ((s1[0] + s1[1]) + (s1[2] + s1[3])) + tail1;
-        total2 = ((s2[0] + s2[1]) + (s2[2] + s2[3])) + tail2;
-        if (!__builtin_isfinite(total1) || !__builtin_isfinite(total2) || total2 < n * 1e-30
-                || total1 * total1 > total2 * n * (1.0 - 1.0 / FASTBN_CANCEL)) {
-            fastbn_span_sums_wide_f32(x, n, shift, sum1, sum2);
-            return;
-        }
-        delta = (double)m - shift;
-        *sum1 = total1 + n * delta;
-        *sum2 = total2 + (2.0 * delta) * total1 + n * (delta * delta);
-    }
     FASTBN_SPAN_GRAD_SUMS(fastbn_span_grad_sums_wide_f32, float)
     FASTBN_SPAN_GRAD_SUMS(fastbn_span_grad_sums_f64, double)
 
@@ -223,55 +181,6 @@ cdef extern from *:
         if (!__builtin_isfinite(sum1) || !__builtin_isfinite(sum2)) return 1;
         return __builtin_fabs(sum2) < n * 1e-30 && !(sum1 == 0.0 && sum2 == 0.0);
     }
-    /* float32 gradient sums, the same way as fastbn_span_sums_f32: g * (x - m) with m the mean
-       rounded to float32 (the data is already centred on it), summed in float32 lanes FLUSH
-       vectors at a time, then in float64, and corrected by (m - mean) * sum(g). Non-finite or
-       tiny (possibly underflowed) sums redo the span in float64. */
-    static void fastbn_span_grad_sums_f32(const float *dy, const float *x, const float *out,
-                                          Py_ssize_t n, double mean, double *sum_dy,
-                                          double *sum_dy_xmu) {
-        const fastbn_v8f zero = {0};
-        const float m = (float)mean;
-        const fastbn_v8f m8 = zero + m;
-        fastbn_v8f p, q, r, t, g, h, u, w;
-        fastbn_v4d s1 = {0, 0, 0, 0}, s2 = s1;
-        double tail1 = 0.0, tail2 = 0.0, gd, total1, total2;
-        Py_ssize_t i, k, body = n / 16 * 16;
-        if (n < 16) {  /* float32 from 16 values on: 64x2048x7x7 backward 3.7x -> 3.1x copy
-                          (moments of such spans stay faster in float64, see above) */
-            fastbn_span_grad_sums_wide_f32(dy, x, out, n, mean, sum_dy, sum_dy_xmu);
-            return;
-        }
-        for (i = 0; i < body;) {
-            p = q = r = t = zero;
-            for (k = 0; k < FASTBN_FLUSH && i < body; k++, i += 16) {
-                memcpy(&g, dy + i, 32); memcpy(&h, dy + i + 8, 32);
-                if (out) {
-                    memcpy(&u, out + i, 32); memcpy(&w, out + i + 8, 32);
-                    g = (fastbn_v8f)((fastbn_v8i)g & (u > zero));
-                    h = (fastbn_v8f)((fastbn_v8i)h & (w > zero));
-                }
-                memcpy(&u, x + i, 32); memcpy(&w, x + i + 8, 32);
-                p += g; q += h; r += g * (u - m8); t += h * (w - m8);
-            }
-            p += q; r += t;
-            s1 += FASTBN_WIDEN(p);
-            s2 += FASTBN_WIDEN(r);
-        }
-        for (i = body; i < n; i++) {
-            gd = (out && !(out[i] > 0)) ? 0.0 : (double)dy[i];
-            tail1 += gd; tail2 += gd * ((double)x[i] - m);
-        }
-        total1 = ((s1[0] + s1[1]) + (s1[2] + s1[3])) + tail1;
-        total2 = ((s2[0] + s2[1]) + (s2[2] + s2[3])) + tail2;
-        if (fastbn_grad_redo(total1, total2, n)) {
-            fastbn_span_grad_sums_wide_f32(dy, x, out, n, mean, sum_dy, sum_dy_xmu);
-            return;
-        }
-        *sum_dy = total1;
-        *sum_dy_xmu = total2 + ((double)m - mean) * total1;
-    }
-
     /* Element-wise passes over a contiguous run of n values, written as explicit 32-byte vectors
        so that large outputs can go straight from registers to memory with aligned non-temporal
        stores (measured here: 1.03x the copy time, against 1.4x when computed into an L1 tile and
@@ -852,6 +761,192 @@ cdef extern from *:
 
     FASTBN_ELEMENTWISE(f32, float, fastbn_v8f, fastbn_v8i, 8)
     FASTBN_ELEMENTWISE(f64, double, fastbn_v4d, fastbn_v4l, 4)
+
+    /* A float32 element-wise pass over one channels-first span (one channel: constant
+       parameters) run inside a span reduction's loop, 16 values per step of it: the affine
+       pass (dy NULL) or dx. A loop that reads one span from memory while it streams another
+       span's output keeps reads and non-temporal writes in flight together; one pass after the
+       other, they take turns on the memory bus (bench/two_pass_floor.c). Each element is
+       computed by the functions of fastbn_affine_run_f32 / fastbn_dx_run_f32: the output does
+       not depend on whether the pass ran alone. */
+    typedef struct {
+        const float *x, *extra, *dy;   /* extra: the residual (affine) or the ReLU mask (dx) */
+        float *dst;
+        const float *hi, *lo, *p, *q, *r;  /* affine: p scale, q shift; dx: p a, q b, r c */
+        fastbn_v8f H, L, P, Q, R;
+        Py_ssize_t i, end, n;
+        int relu, stream;
+    } fastbn_side_f32;
+    static inline __attribute__((always_inline)) void fastbn_side_vec(fastbn_side_f32 *s) {
+        const Py_ssize_t i = s->i;
+        fastbn_v8f v;
+        if (s->dy)
+            v = fastbn_dx_vec_f32(s->dy + i, s->x ? s->x + i : NULL, s->extra ? s->extra + i : NULL,
+                                  s->P, s->H, s->L, s->Q, s->R);
+        else
+            v = fastbn_affine_vec_f32(s->x + i, s->extra ? s->extra + i : NULL, s->relu, s->H,
+                                      s->L, s->P, s->Q);
+        fastbn_store_f32(s->dst + i, v, s->stream);
+        s->i = i + 8;
+    }
+    static inline __attribute__((always_inline)) void fastbn_side_step(fastbn_side_f32 *s) {
+        if (s->i < s->end) fastbn_side_vec(s);
+        if (s->i < s->end) fastbn_side_vec(s);
+    }
+    /* The scalar values up to the first aligned output vector (streamed) or the end (rest). */
+    static void fastbn_side_scalar(fastbn_side_f32 *s, Py_ssize_t i0, Py_ssize_t i1) {
+        if (s->dy)
+            fastbn_dx_scalar_f32(s->dy, s->x, s->extra, s->dst, i0, i1, s->p, s->hi, s->lo, s->q,
+                                 s->r, 1, 0);
+        else
+            fastbn_affine_scalar_f32(s->x, s->dst, s->extra, s->relu, i0, i1, s->hi, s->lo, s->p,
+                                     s->q, 1, 0);
+    }
+    static inline __attribute__((always_inline)) void fastbn_side_begin(fastbn_side_f32 *s) {
+        const fastbn_v8f zero = {0};
+        s->H = zero + s->hi[0]; s->L = zero + s->lo[0]; s->P = zero + s->p[0];
+        s->Q = zero + s->q[0]; s->R = s->r ? zero + s->r[0] : zero;
+        s->i = fastbn_body_f32(s->dst, s->n, s->stream, &s->end);
+        fastbn_side_scalar(s, 0, s->i);
+    }
+    static inline __attribute__((always_inline)) void fastbn_side_finish(fastbn_side_f32 *s) {
+        while (s->i < s->end) fastbn_side_vec(s);
+        fastbn_side_scalar(s, s->end, s->n);
+    }
+
+    static inline __attribute__((always_inline)) void fastbn_span_sums_core_f32(
+            const float *x, Py_ssize_t n, double shift, double *sum1, double *sum2,
+            fastbn_side_f32 *side) {
+        const fastbn_v8f zero = {0};
+        fastbn_v8f p = zero, q = zero, r = zero, t = zero, u, w, m8;
+        fastbn_v4d s1 = {0, 0, 0, 0}, s2 = s1;
+        double tail1 = 0.0, tail2 = 0.0, d, total1, total2, delta;
+        float m;
+        Py_ssize_t i, k, sample, body = n / 16 * 16;
+        if (side) fastbn_side_begin(side);
+        if (n < 64) {
+            if (side) fastbn_side_finish(side);
+            fastbn_span_sums_wide_f32(x, n, shift, sum1, sum2);
+            return;
+        }
+        m8 = zero + x[0];
+        sample = FASTBN_SAMPLE < body ? FASTBN_SAMPLE : body;
+        for (i = 0; i < sample; i += 16) {
+            memcpy(&u, x + i, 32); memcpy(&w, x + i + 8, 32);
+            p += u - m8; q += w - m8;
+        }
+        p += q;
+        m = x[0] + (float)((((double)p[0] + p[1]) + ((double)p[2] + p[3])
+                            + (((double)p[4] + p[5]) + ((double)p[6] + p[7]))) / sample);
+        m8 = zero + m;
+        for (i = 0; i < body;) {
+            p = q = r = t = zero;
+            for (k = 0; k < FASTBN_FLUSH && i < body; k++, i += 16) {
+                memcpy(&u, x + i, 32); memcpy(&w, x + i + 8, 32);
+                u -= m8; w -= m8;
+                p += u; q += w; r += u * u; t += w * w;
+                if (side) fastbn_side_step(side);
+            }
+            p += q; r += t;
+            s1 += FASTBN_WIDEN(p);
+            s2 += FASTBN_WIDEN(r);
+        }
+        for (i = body; i < n; i++) { d = (double)x[i] - m; tail1 += d; tail2 += d * d; }
+        if (side) fastbn_side_finish(side);
+        total1 = ((s1[0] + s1[1]) + (s1[2] + s1[3])) + tail1;
+        total2 = ((s2[0] + s2[1]) + (s2[2] + s2[3])) + tail2;
+        if (!__builtin_isfinite(total1) || !__builtin_isfinite(total2) || total2 < n * 1e-30
+                || total1 * total1 > total2 * n * (1.0 - 1.0 / FASTBN_CANCEL)) {
+            fastbn_span_sums_wide_f32(x, n, shift, sum1, sum2);
+            return;
+        }
+        delta = (double)m - shift;
+        *sum1 = total1 + n * delta;
+        *sum2 = total2 + (2.0 * delta) * total1 + n * (delta * delta);
+    }
+    static void fastbn_span_sums_f32(const float *x, Py_ssize_t n, double shift, double *sum1,
+                                     double *sum2) {
+        fastbn_span_sums_core_f32(x, n, shift, sum1, sum2, NULL);
+    }
+    /* fastbn_span_sums_f32 of one span and the affine pass y = act(((x - hi) - lo) * s + t + r)
+       over another span of sn values (parameters hi[0], lo[0], s[0], t[0]). */
+    static void fastbn_span_sums_affine_f32(const float *x, Py_ssize_t n, double shift,
+            double *sum1, double *sum2, const float *sx, const float *sr, int relu, float *sy,
+            Py_ssize_t sn, const float *hi, const float *lo, const float *scale,
+            const float *offset, int stream) {
+        fastbn_side_f32 side = {sx, sr, NULL, sy, hi, lo, scale, offset, NULL};
+        side.n = sn; side.relu = relu; side.stream = stream;
+        fastbn_span_sums_core_f32(x, n, shift, sum1, sum2, &side);
+    }
+
+    /* float32 gradient sums, the same way as fastbn_span_sums_f32: g * (x - m) with m the mean
+       rounded to float32 (the data is already centred on it), summed in float32 lanes FLUSH
+       vectors at a time, then in float64, and corrected by (m - mean) * sum(g). Non-finite or
+       tiny (possibly underflowed) sums redo the span in float64. */
+    static inline __attribute__((always_inline)) void fastbn_span_grad_sums_core_f32(
+            const float *dy, const float *x, const float *out, Py_ssize_t n, double mean,
+            double *sum_dy, double *sum_dy_xmu, fastbn_side_f32 *side) {
+        const fastbn_v8f zero = {0};
+        const float m = (float)mean;
+        const fastbn_v8f m8 = zero + m;
+        fastbn_v8f p, q, r, t, g, h, u, w;
+        fastbn_v4d s1 = {0, 0, 0, 0}, s2 = s1;
+        double tail1 = 0.0, tail2 = 0.0, gd, total1, total2;
+        Py_ssize_t i, k, body = n / 16 * 16;
+        if (side) fastbn_side_begin(side);
+        if (n < 16) {  /* float32 from 16 values on: 64x2048x7x7 backward 3.7x -> 3.1x copy
+                          (moments of such spans stay faster in float64, see above) */
+            if (side) fastbn_side_finish(side);
+            fastbn_span_grad_sums_wide_f32(dy, x, out, n, mean, sum_dy, sum_dy_xmu);
+            return;
+        }
+        for (i = 0; i < body;) {
+            p = q = r = t = zero;
+            for (k = 0; k < FASTBN_FLUSH && i < body; k++, i += 16) {
+                memcpy(&g, dy + i, 32); memcpy(&h, dy + i + 8, 32);
+                if (out) {
+                    memcpy(&u, out + i, 32); memcpy(&w, out + i + 8, 32);
+                    g = (fastbn_v8f)((fastbn_v8i)g & (u > zero));
+                    h = (fastbn_v8f)((fastbn_v8i)h & (w > zero));
+                }
+                memcpy(&u, x + i, 32); memcpy(&w, x + i + 8, 32);
+                p += g; q += h; r += g * (u - m8); t += h * (w - m8);
+                if (side) fastbn_side_step(side);
+            }
+            p += q; r += t;
+            s1 += FASTBN_WIDEN(p);
+            s2 += FASTBN_WIDEN(r);
+        }
+        for (i = body; i < n; i++) {
+            gd = (out && !(out[i] > 0)) ? 0.0 : (double)dy[i];
+            tail1 += gd; tail2 += gd * ((double)x[i] - m);
+        }
+        if (side) fastbn_side_finish(side);
+        total1 = ((s1[0] + s1[1]) + (s1[2] + s1[3])) + tail1;
+        total2 = ((s2[0] + s2[1]) + (s2[2] + s2[3])) + tail2;
+        if (fastbn_grad_redo(total1, total2, n)) {
+            fastbn_span_grad_sums_wide_f32(dy, x, out, n, mean, sum_dy, sum_dy_xmu);
+            return;
+        }
+        *sum_dy = total1;
+        *sum_dy_xmu = total2 + ((double)m - mean) * total1;
+    }
+    static void fastbn_span_grad_sums_f32(const float *dy, const float *x, const float *out,
+                                          Py_ssize_t n, double mean, double *sum_dy,
+                                          double *sum_dy_xmu) {
+        fastbn_span_grad_sums_core_f32(dy, x, out, n, mean, sum_dy, sum_dy_xmu, NULL);
+    }
+    /* fastbn_span_grad_sums_f32 of one span and dx = mask(dy * a) + ((x - hi) - lo) * b + c
+       over another span of sn values (as fastbn_dx_run_f32, parameters a[0] ... c[0]). */
+    static void fastbn_span_grad_sums_dx_f32(const float *dy, const float *x, const float *out,
+            Py_ssize_t n, double mean, double *sum_dy, double *sum_dy_xmu, const float *sdy,
+            const float *sx, const float *sout, float *sdx, Py_ssize_t sn, const float *a,
+            const float *hi, const float *lo, const float *b, const float *c, int stream) {
+        fastbn_side_f32 side = {sx, sout, sdy, sdx, hi, lo, a, b, c};
+        side.n = sn; side.relu = 0; side.stream = stream;
+        fastbn_span_grad_sums_core_f32(dy, x, out, n, mean, sum_dy, sum_dy_xmu, &side);
+    }
+
     """
     void fastbn_span_sums_f32(const float* x, Py_ssize_t n, double shift, double* sum1,
                               double* sum2) noexcept nogil
@@ -863,6 +958,17 @@ cdef extern from *:
     void fastbn_span_grad_sums_f64(const double* dy, const double* x, const double* output,
                                    Py_ssize_t n, double mean, double* sum_dy,
                                    double* sum_dy_xmu) noexcept nogil
+    void fastbn_span_sums_affine_f32(const float* x, Py_ssize_t n, double shift, double* sum1,
+                                     double* sum2, const float* sx, const float* sr, bint relu,
+                                     float* sy, Py_ssize_t sn, const float* hi, const float* lo,
+                                     const float* scale, const float* offset,
+                                     bint stream) noexcept nogil
+    void fastbn_span_grad_sums_dx_f32(const float* dy, const float* x, const float* out,
+                                      Py_ssize_t n, double mean, double* sum_dy,
+                                      double* sum_dy_xmu, const float* sdy, const float* sx,
+                                      const float* sout, float* sdx, Py_ssize_t sn,
+                                      const float* a, const float* hi, const float* lo,
+                                      const float* b, const float* c, bint stream) noexcept nogil
     void fastbn_rows_sums_f32(const float* x, Py_ssize_t rows, Py_ssize_t C, const double* shift,
                               double* part1, double* part2) noexcept nogil
     void fastbn_rows_grad_f32(const float* dy, const float* x, const float* out, Py_ssize_t rows,
@@ -962,6 +1068,11 @@ cdef Py_ssize_t GRAD_LANES_STREAMED = 1024
 # this kernel); from memory the row-by-row kernel stays (that first version, eight rows of two
 # arrays at a time, was 1.5x slower there: 32x56x56x256 21.6 -> 32.3 ms).
 cdef Py_ssize_t GRAD_MEM_BELOW = 1024
+# Channels-first training and backward overlap the groups: each parallel pass sums one channel
+# group (read from memory) while it writes the element-wise output of the group before (from
+# the cache), span beside span in one loop (see _cf_pass). False: one group after the other,
+# sums then output. The results are the same bits either way.
+cdef bint OVERLAP = True
 DEF ROW_TASKS = 16                       # see _set_group
 DEF LONG_SPAN = 256                      # channels-first rows this long: one run per row
 DEF PARAM_PAD = 8                        # lanes of the widest vector (float32)
@@ -971,8 +1082,8 @@ def _tuning(**changes):
     """Read (and, for experiments, change) the tuning constants; returns the previous values."""
     global SEGMENT, ROW_BLOCK_BYTES, MAX_ROW_BLOCKS, GROUP_BYTES, SERIAL_BELOW, STREAM_ABOVE
     global ALIAS_GUARD, LANES_FROM, MEM_SUMS_BELOW, GRAD_LANES_STREAMED, MIN_BLOCK_ROWS
-    global GRAD_MEM_BELOW
-    previous = dict(LANES_FROM=LANES_FROM, MEM_SUMS_BELOW=MEM_SUMS_BELOW,
+    global GRAD_MEM_BELOW, OVERLAP
+    previous = dict(OVERLAP=OVERLAP, LANES_FROM=LANES_FROM, MEM_SUMS_BELOW=MEM_SUMS_BELOW,
                     MIN_BLOCK_ROWS=MIN_BLOCK_ROWS, GRAD_MEM_BELOW=GRAD_MEM_BELOW,
                     GRAD_LANES_STREAMED=GRAD_LANES_STREAMED, SEGMENT=SEGMENT,
                     ROW_BLOCK_BYTES=ROW_BLOCK_BYTES,
@@ -994,6 +1105,7 @@ def _tuning(**changes):
     MIN_BLOCK_ROWS = changes.get("MIN_BLOCK_ROWS", MIN_BLOCK_ROWS)
     GRAD_MEM_BELOW = changes.get("GRAD_MEM_BELOW", GRAD_MEM_BELOW)
     GRAD_LANES_STREAMED = changes.get("GRAD_LANES_STREAMED", GRAD_LANES_STREAMED)
+    OVERLAP = changes.get("OVERLAP", OVERLAP)
     return previous
 
 
@@ -1138,66 +1250,8 @@ cdef inline void _span_grad_sums(const floating* dy, const floating* x, const fl
 cdef void _cf_partials(const floating* x, const floating* dy, const floating* output,
                        Layout L, Py_ssize_t c0, Py_ssize_t c1, const double* center,
                        double* part1, double* part2) noexcept nogil:
-    """Channels-first partial sums of channels [c0, c1): part[unit * G + (c - c0)].
-
-    Without dy: shifted moments of x about `center`; with dy: the gradient sums. Rows of
-    several segments are read whole and in memory order (task by task, see _set_group); the
-    segment partials are the same, so are the results. (Segment by segment across the
-    channels, 32x64x112x112 moments took 4.6 ms, in memory order 1.9 ms.)
-    """
-    cdef Py_ssize_t G = c1 - c0
-    cdef Py_ssize_t blk, unit, n, c, ca, ce, r0, r1, start, length, offset, task, seg, chunks
-    cdef double t1, t2
-    cdef double* p1
-    cdef double* p2
-    if L.nseg > 1:
-        chunks = (G + L.row_chans - 1) // L.row_chans
-        for task in prange(L.outer * chunks, schedule="static", num_threads=L.threads):
-            n = task // chunks
-            ca = c0 + (task % chunks) * L.row_chans
-            ce = min(c1, ca + L.row_chans)
-            for c in range(ca, ce):
-                for seg in range(L.nseg):
-                    start = seg * L.seglen
-                    offset = (n * L.channels + c) * L.inner + start
-                    t1 = 0.0
-                    t2 = 0.0
-                    if dy == NULL:
-                        _span_sums(x + offset, min(L.seglen, L.inner - start), center[c],
-                                   &t1, &t2)
-                    else:
-                        _span_grad_sums(dy + offset, x + offset,
-                                        NULL if output == NULL else output + offset,
-                                        min(L.seglen, L.inner - start), center[c], &t1, &t2)
-                    part1[(n * L.nseg + seg) * G + c - c0] = t1  # unit n * nseg + seg
-                    part2[(n * L.nseg + seg) * G + c - c0] = t2
-        return
-    for blk in prange(L.cf_blocks, schedule="static", num_threads=L.threads):
-        unit = blk // L.chan_blocks
-        ca = c0 + (blk % L.chan_blocks) * L.chan_chunk
-        ce = min(c1, ca + L.chan_chunk)
-        r0 = (unit // L.nseg) * L.chunk_rows
-        r1 = min(L.outer, r0 + L.chunk_rows)
-        start = (unit % L.nseg) * L.seglen
-        length = min(L.seglen, L.inner - start)
-        p1 = part1 + unit * G
-        p2 = part2 + unit * G
-        for c in range(ca - c0, ce - c0):
-            p1[c] = 0.0
-            p2[c] = 0.0
-        for n in range(r0, r1):
-            for c in range(ca, ce):
-                offset = (n * L.channels + c) * L.inner + start
-                t1 = 0.0  # assigned so that prange makes them thread-private: their address
-                t2 = 0.0  # is taken below, which Cython does not count as an assignment
-                if dy == NULL:
-                    _span_sums(x + offset, length, center[c], &t1, &t2)
-                else:
-                    _span_grad_sums(dy + offset, x + offset,
-                                    NULL if output == NULL else output + offset, length,
-                                    center[c], &t1, &t2)
-                p1[c - c0] += t1
-                p2[c - c0] += t2
+    """Channels-first partial sums of channels [c0, c1): see _cf_pass."""
+    _cf_pass(x, dy, output, L, c0, c1, center, part1, part2, NULL, 0, 0, NULL)
 
 
 cdef void _cf_reduce(Layout L, Py_ssize_t c0, Py_ssize_t c1, const double* part1,
@@ -1462,48 +1516,131 @@ cdef inline void _emit(Elementwise* E, floating* dst, Py_ssize_t src, Py_ssize_t
 
 cdef void _cf_elementwise(Elementwise* E, floating* tag, Layout L, Py_ssize_t c0,
                           Py_ssize_t c1, char* bufs) noexcept nogil:
-    """The element-wise pass over channels [c0, c1), channels-first, block by block: short rows
-    (7x7 images) as one run per row n across the block's channels (whole rows of adjacent
-    channels are contiguous); long rows (segments) one run each, with constant parameters (5%
-    faster there than the run across channels); rows of several segments whole, in memory
-    order (as in _cf_partials)."""
-    cdef floating* out = <floating*> E.out
-    cdef Py_ssize_t blk, unit, n, c, ca, ce, r0, r1, start, length, offset, task, chunks
+    """The element-wise pass over channels [c0, c1), channels-first: see _cf_pass."""
+    _cf_pass(tag, tag, tag, L, 0, 0, NULL, NULL, NULL, E, c0, c1, bufs)
+
+
+cdef inline void _pair(const floating* x, const floating* dy, const floating* output,
+                       Py_ssize_t a, double center, double* t1, double* t2, Elementwise* E,
+                       Py_ssize_t b, Py_ssize_t cb, Py_ssize_t n, bint stream,
+                       char* buf) noexcept nogil:
+    """The sums of the n values from element a (a < 0: none) into t1, t2, and the element-wise
+    pass E over the n values of channel cb from element b (b < 0: none): in one loop when
+    both run on float32 data (moments with the affine pass, gradient sums with dx)."""
+    if floating is float:
+        if a >= 0 and b >= 0 and buf == NULL:
+            if dy == NULL:
+                fastbn_span_sums_affine_f32(
+                    x + a, n, center, t1, t2, <float*> E.x + b,
+                    NULL if E.residual == NULL else <float*> E.residual + b, E.relu,
+                    <float*> E.out + b, n, <float*> E.hi + cb, <float*> E.lo + cb,
+                    <float*> E.p + cb, <float*> E.q + cb, stream)
+            else:
+                fastbn_span_grad_sums_dx_f32(
+                    dy + a, x + a, NULL if output == NULL else output + a, n, center, t1, t2,
+                    <float*> E.dy + b, NULL if E.x == NULL else <float*> E.x + b,
+                    NULL if E.residual == NULL else <float*> E.residual + b,
+                    <float*> E.out + b, n, <float*> E.p + cb, <float*> E.hi + cb,
+                    <float*> E.lo + cb, <float*> E.q + cb, <float*> E.r + cb, stream)
+            return
+    if a >= 0:
+        if dy == NULL:
+            _span_sums(x + a, n, center, t1, t2)
+        else:
+            _span_grad_sums(dy + a, x + a, NULL if output == NULL else output + a, n, center,
+                            t1, t2)
+    if b >= 0:
+        _emit(E, <floating*> E.out + b, b, n, cb, 1, 0, stream, buf)
+
+
+cdef void _cf_pass(const floating* x, const floating* dy, const floating* output, Layout L,
+                   Py_ssize_t c0, Py_ssize_t c1, const double* center, double* part1,
+                   double* part2, Elementwise* E, Py_ssize_t e0, Py_ssize_t e1,
+                   char* bufs) noexcept nogil:
+    """One parallel pass over the channels-first blocks of a channel group: the partial sums of
+    channels [c0, c1) into part[unit * G + (c - c0)], G = c1 - c0 (without dy: shifted moments
+    of x about `center`; with dy: the gradient sums), and the element-wise pass E over channels
+    [e0, e1), the group before, whose coefficients are known. Either range may be empty. Block
+    j of one group and block j of the other are the same rows and relative channels, and their
+    spans are taken in pairs (_pair): a thread reads one group from memory while it streams
+    the other's output.
+
+    Rows of several segments are read whole and in memory order (task by task, see
+    _set_group; segment by segment across the channels, 32x64x112x112 moments took 4.6 ms, in
+    memory order 1.9 ms). Short rows (7x7 images) take the element-wise pass as one run per
+    row n across the block's channels (whole rows of adjacent channels are contiguous); long
+    rows one run per span, with constant parameters (5% faster there than the run across
+    channels). The sums do not depend on the pairing, nor on the thread count.
+    """
+    cdef Py_ssize_t G = c1 - c0
+    cdef Py_ssize_t blk, unit, n, j, j0, na, ne, r0, r1, start, length, offset, task, seg
+    cdef Py_ssize_t chunks
+    cdef double t1, t2
     cdef char* buf
+    cdef floating* out = NULL if E == NULL else <floating*> E.out
     if L.nseg > 1:
-        chunks = (c1 - c0 + L.row_chans - 1) // L.row_chans
+        chunks = (L.group + L.row_chans - 1) // L.row_chans
         for task in prange(L.outer * chunks, schedule="static", num_threads=L.threads):
             buf = NULL if bufs == NULL else bufs + threadid() * (TILE_BYTES + 4096)
             n = task // chunks
-            ca = c0 + (task % chunks) * L.row_chans
-            ce = min(c1, ca + L.row_chans)
-            for c in range(ca, ce):
-                offset = (n * L.channels + c) * L.inner
-                _emit(E, out + offset, offset, L.inner, c, 1, 0, L.stream, buf)
-            if L.stream:
+            j0 = (task % chunks) * L.row_chans
+            na = max(0, min(G - j0, L.row_chans))
+            ne = max(0, min(e1 - e0 - j0, L.row_chans))
+            for j in range(max(na, ne)):
+                for seg in range(L.nseg):
+                    start = seg * L.seglen
+                    length = min(L.seglen, L.inner - start)
+                    offset = n * L.channels * L.inner + start
+                    t1 = 0.0
+                    t2 = 0.0
+                    _pair(x, dy, output,
+                          offset + (c0 + j0 + j) * L.inner if j < na else -1, 
+                          center[c0 + j0 + j] if j < na else 0.0, &t1, &t2, E,
+                          offset + (e0 + j0 + j) * L.inner if j < ne else -1, e0 + j0 + j,
+                          length, L.stream, buf)
+                    if j < na:
+                        part1[(n * L.nseg + seg) * G + j0 + j] = t1  # unit n * nseg + seg
+                        part2[(n * L.nseg + seg) * G + j0 + j] = t2
+            if L.stream and ne > 0:
                 fastbn_sfence()
         return
     for blk in prange(L.cf_blocks, schedule="static", num_threads=L.threads):
         buf = NULL if bufs == NULL else bufs + threadid() * (TILE_BYTES + 4096)
         unit = blk // L.chan_blocks
-        ca = c0 + (blk % L.chan_blocks) * L.chan_chunk
-        ce = min(c1, ca + L.chan_chunk)
-        r0 = (unit // L.nseg) * L.chunk_rows
+        j0 = (blk % L.chan_blocks) * L.chan_chunk
+        na = max(0, min(G - j0, L.chan_chunk))
+        ne = max(0, min(e1 - e0 - j0, L.chan_chunk))
+        r0 = unit * L.chunk_rows
         r1 = min(L.outer, r0 + L.chunk_rows)
-        start = (unit % L.nseg) * L.seglen
-        length = min(L.seglen, L.inner - start)
-        if ce <= ca:
-            r1 = r0  # a block past the last channel of a smaller last group: nothing to do
+        for j in range(na):
+            part1[unit * G + j0 + j] = 0.0
+            part2[unit * G + j0 + j] = 0.0
         for n in range(r0, r1):
+            offset = n * L.channels * L.inner
             if L.inner < LONG_SPAN:
-                offset = (n * L.channels + ca) * L.inner
-                _emit(E, out + offset, offset, (ce - ca) * L.inner, ca, 0, L.inner, L.stream,
-                      buf)
-            else:
-                for c in range(ca, ce):
-                    offset = (n * L.channels + c) * L.inner + start
-                    _emit(E, out + offset, offset, length, c, 1, 0, L.stream, buf)
-        if L.stream:
+                for j in range(na):
+                    t1 = 0.0
+                    t2 = 0.0
+                    _pair(x, dy, output, offset + (c0 + j0 + j) * L.inner, center[c0 + j0 + j],
+                          &t1, &t2, E, -1, 0, L.inner, L.stream, buf)
+                    part1[unit * G + j0 + j] += t1
+                    part2[unit * G + j0 + j] += t2
+                if ne > 0:
+                    offset = offset + (e0 + j0) * L.inner
+                    _emit(E, out + offset, offset, ne * L.inner, e0 + j0, 0, L.inner, L.stream,
+                          buf)
+                continue
+            for j in range(max(na, ne)):
+                t1 = 0.0  # assigned so that prange makes them thread-private: their address
+                t2 = 0.0  # is taken below, which Cython does not count as an assignment
+                _pair(x, dy, output, offset + (c0 + j0 + j) * L.inner if j < na else -1,
+                      center[c0 + j0 + j] if j < na else 0.0, &t1, &t2, E,
+                      offset + (e0 + j0 + j) * L.inner if j < ne else -1, e0 + j0 + j,
+                      L.inner, L.stream, buf)
+                if j < na:
+                    part1[unit * G + j0 + j] += t1
+                    part2[unit * G + j0 + j] += t2
+        if L.stream and ne > 0:
             fastbn_sfence()
 
 
@@ -1541,12 +1678,18 @@ cdef inline void _extend(floating* tag, void* values, Py_ssize_t C) noexcept nog
             v[C + k] = v[k % C]
 
 
-cdef void _elementwise(Elementwise* E, floating* tag, Layout L, Py_ssize_t c0,
-                       Py_ssize_t c1) noexcept nogil:
-    cdef char* bufs = NULL
+cdef char* _tiles(Elementwise* E, Layout L) noexcept nogil:
+    """Per-thread L1 tiles for a streamed output that aliases an input (see _aliases), or NULL
+    (also when malloc fails: direct stores, slower). The caller frees them."""
     if L.stream and ALIAS_GUARD and (_aliases(E.out, E.x) or _aliases(E.out, E.residual)
                                      or _aliases(E.out, E.dy)):
-        bufs = <char*> malloc(L.threads * (TILE_BYTES + 4096))  # NULL: direct stores, slower
+        return <char*> malloc(L.threads * (TILE_BYTES + 4096))
+    return NULL
+
+
+cdef void _elementwise(Elementwise* E, floating* tag, Layout L, Py_ssize_t c0,
+                       Py_ssize_t c1) noexcept nogil:
+    cdef char* bufs = _tiles(E, L)
     if L.inner > 1:
         _cf_elementwise(E, tag, L, c0, c1, bufs)
     elif L.channels > 0:
@@ -1692,17 +1835,30 @@ cdef void _train_forward(const floating* x, floating* y, const floating* residua
         E = _affine_args(x, y, residual, relu, hi, lo, scale, shift_out)
         _elementwise(&E, y, L, 0, L.channels)
         return
+    E = _affine_args(x, y, residual, relu, hi, lo, scale, shift_out)
+    cdef char* bufs = _tiles(&E, L)
+    cdef Py_ssize_t e0 = 0, e1 = 0  # the group whose output is due (see OVERLAP)
+    cdef bint overlap = OVERLAP and L.inner >= LONG_SPAN
     c0 = 0
-    while c0 < L.channels:
+    while c0 < L.channels or e0 < e1:
         c1 = min(L.channels, c0 + group)
-        _cf_partials(x, <floating*> NULL, <floating*> NULL, L, c0, c1, shift, part1, part2)
+        if overlap:
+            _cf_pass(x, <floating*> NULL, <floating*> NULL, L, c0, c1, shift, part1, part2, &E,
+                     e0, e1, bufs)
+        else:
+            _cf_pass(x, <floating*> NULL, <floating*> NULL, L, c0, c1, shift, part1, part2,
+                     NULL, 0, 0, NULL)
         _cf_reduce(L, c0, c1, part1, part2, sum1, sum2)
         _finish_moments(count, shift, sum1, sum2, c0, c1, mean, m2)
         _forward_coefficients(mean, m2, count, weight, bias, eps, c0, c1, var, hi, lo, scale,
                               shift_out)
-        E = _affine_args(x, y, residual, relu, hi, lo, scale, shift_out)
-        _elementwise(&E, y, L, c0, c1)
+        if not overlap:
+            _cf_pass(x, <floating*> NULL, <floating*> NULL, L, 0, 0, NULL, NULL, NULL, &E,
+                     c0, c1, bufs)
+        e0 = c0 if overlap else c1
+        e1 = c1
         c0 = c1
+    free(bufs)
 
 
 cdef void _backward(const floating* dy, const floating* x, const floating* output, floating* dx,
@@ -1721,16 +1877,26 @@ cdef void _backward(const floating* dy, const floating* x, const floating* outpu
         E = _dx_args(dy, x if training else NULL, output, dx, a, hi, lo, b, c_)
         _elementwise(&E, dx, L, 0, L.channels)
         return
+    E = _dx_args(dy, x if training else NULL, output, dx, a, hi, lo, b, c_)
+    cdef char* bufs = _tiles(&E, L)
+    cdef Py_ssize_t e0 = 0, e1 = 0  # as in _train_forward
+    cdef bint overlap = OVERLAP and L.inner >= LONG_SPAN
     c0 = 0
-    while c0 < L.channels:
+    while c0 < L.channels or e0 < e1:
         c1 = min(L.channels, c0 + group)
-        _cf_partials(x, dy, output, L, c0, c1, mean, part1, part2)
+        if overlap:
+            _cf_pass(x, dy, output, L, c0, c1, mean, part1, part2, &E, e0, e1, bufs)
+        else:
+            _cf_pass(x, dy, output, L, c0, c1, mean, part1, part2, NULL, 0, 0, NULL)
         _cf_reduce(L, c0, c1, part1, part2, sum_dy, sum_dy_xmu)
         _backward_coefficients(sum_dy, sum_dy_xmu, mean, invstd, weight, count, training, c0, c1,
                                a, hi, lo, b, c_)
-        E = _dx_args(dy, x if training else NULL, output, dx, a, hi, lo, b, c_)
-        _elementwise(&E, dx, L, c0, c1)
+        if not overlap:
+            _cf_pass(x, dy, output, L, 0, 0, NULL, NULL, NULL, &E, c0, c1, bufs)
+        e0 = c0 if overlap else c1
+        e1 = c1
         c0 = c1
+    free(bufs)
 
 
 # ----------------------------------------------------------------------------- Python entry points

@@ -697,6 +697,56 @@ def test_channel_groups_and_blocks_match_the_reference(rng, dtype, shape):
             assert_close(a, b, dtype)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape,segment", [((5, 11, 300), 4096), ((3, 7, 1000), 256),
+                                           ((4, 9, 17, 19), 4096)])
+def test_overlapped_groups_equal_one_group_after_the_other(rng, dtype, shape, segment):
+    """Channels-first training and backward sum one channel group while they write the
+    output of the group before, span beside span in one loop (OVERLAP): every output and
+    statistic must be the bits of the plain order (sums, then output, group by group), with
+    streamed or cached, aligned or misaligned outputs, a smaller last group, frozen and
+    masked backward, and dx written over dy (NaN stays NaN)."""
+    if "cython" not in fastbn.available_backends():
+        pytest.skip("the cython backend is not built")
+    from fastbn._kernels import _tuning
+    x = (rng.standard_normal(shape) * 2 + 5).astype(dtype)
+    x[1, 2] = np.nan  # one channel's sums fall back to float64
+    residual = rng.standard_normal(shape).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    channels = shape[1]
+    weight, bias = rng.standard_normal(channels), rng.standard_normal(channels)
+    group_bytes = 2 * int(np.prod(shape)) // channels * np.dtype(dtype).itemsize  # 2 channels
+
+    def run(overlap, stream_above, shift):
+        previous = _tuning(OVERLAP=overlap, GROUP_BYTES=group_bytes, SEGMENT=segment,
+                           SERIAL_BELOW=0)
+        try:
+            y = _misaligned_empty(shape, dtype, shift)
+            dx = _misaligned_empty(shape, dtype, shift)
+            results = list(_cython_train_and_backward(x, residual, dy, weight, bias, 1, y, dx,
+                                                      stream_above, frozen=True))
+            _, mean, invstd = fastbn.batch_norm(x, None, None, weight, bias, True, axis=1,
+                                                return_stats=True, backend="cython")
+            in_place = dy.copy()
+            results += fastbn.batch_norm_backward(in_place, x, mean, invstd, weight, axis=1,
+                                                  out=in_place, backend="cython")
+            return results + [mean, invstd]
+        finally:
+            _tuning(**previous)
+
+    plain = run(False, 1 << 40, 0)
+    y_ref = fastbn.batch_norm(x, None, None, weight, bias, True, axis=1, residual=residual,
+                              activation="relu", backend="numpy")
+    assert_close(plain[0], y_ref, dtype)
+    def bits(a):  # NaN payloads may differ: the compiler may swap a product's operands
+        return np.where(np.isnan(a), np.nan, a).tobytes()
+
+    for stream_above in (0, 1 << 40):
+        for shift in (0, 1, 3):
+            for got, want in zip(run(True, stream_above, shift), plain):
+                assert bits(got) == bits(want)
+
+
 def _page_offset_empty(shape, dtype, offset):
     """A C-contiguous array whose data starts `offset` bytes past a 4 KB boundary."""
     nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
