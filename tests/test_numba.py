@@ -269,6 +269,38 @@ def test_streamed_outputs_equal_cached_stores(monkeypatch, dtype, shape):
             assert got.tobytes() == want.tobytes()
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("inner", [7, 8, 15, 16, 17, 49, 196, numba_kernels.RUN])
+def test_short_rows_normalized_across_channels(monkeypatch, dtype, inner):
+    """Channels-first rows of at most RUN values are normalized in runs across channels (a
+    vector takes the constants of the one or two channels it covers): bit for bit the
+    element-wise formula ((x - hi) - lo) * scale + shift + residual, ReLU, in the data's
+    dtype, streamed or not, at several output alignments, with several runs per image."""
+    rng = np.random.default_rng(12)
+    channels = 2 * numba_kernels.SEG_RUN // inner + 3
+    shape = (3, channels, inner)
+    x = (rng.standard_normal(shape) * 2 + 3).astype(dtype)
+    x.flat[::101] = np.nan
+    residual = rng.standard_normal(shape).astype(dtype)
+    mean = rng.standard_normal(channels) + 3
+    scale = rng.random(channels).astype(dtype) + 0.5
+    shift = rng.standard_normal(channels).astype(dtype)
+    hi = mean.astype(dtype)
+    lo = (mean - hi).astype(dtype)
+    per_channel = (None, slice(None), None)
+    for res in (None, residual):
+        want = ((x - hi[per_channel]) - lo[per_channel]) * scale[per_channel] + shift[per_channel]
+        if res is not None:
+            want = want + res
+        for relu in (False, True):
+            expected = np.where(want <= 0, dtype(0), want) if relu else want
+            for stream_above, offset in [(1 << 62, 0), (0, 0), (0, 3)]:
+                monkeypatch.setattr(numba_kernels, "STREAM_ABOVE", stream_above)
+                out = _offset_empty(shape, dtype, offset)
+                numba_kernels.normalize(x, mean, scale, shift, res, relu, out, 2)
+                assert out.tobytes() == expected.tobytes()
+
+
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("channels", [64, 97, 1030])
 def test_channels_last_float32_gradient_sums(channels, masked):
