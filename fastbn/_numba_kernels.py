@@ -28,8 +28,10 @@ of its row for rows longer than ``BLOCK``), about ``BLOCK`` values at most; its 
 to the slot (channel, j). The work is shared out in units that read memory in order. With short
 rows (``inner <= RUN``, e.g. 7x7 images) a unit is one block of ``RUN // inner`` adjacent
 channels, whose rows form one contiguous run per image; its lanes run across that run with one
-shift, mean or constant per element, so a 49-value row costs no call, no remainder loop and no
-lane reset. With long rows a block is one image's row (or a piece of it), cut into rows of
+shift or mean per element, so a 49-value row costs no call, no remainder loop and no lane reset.
+The element-wise passes of short rows (normalization, dx) go through the tensor in memory order
+instead, in runs across channels where each vector takes the constants of the one or two
+channels it covers (``_norm_seg_run``, ``_dx_seg_run``). With long rows a block is one image's row (or a piece of it), cut into rows of
 ``LANES`` lanes, and a unit is the blocks of ``LONG_RUN // inner`` adjacent channels of one
 image: the units follow memory order. Every lane belongs to one channel, so how channels are
 shared out never changes a result (moments and training give the same statistics). Training
@@ -509,16 +511,9 @@ def _norm_seg_intrinsic(with_residual: bool, with_relu: bool, streamed: bool):
         sig = types.void(xf, of, rf, i, consts, c, cn, boundary)
 
         def codegen(context, builder, signature, args):
-            xt, ot, rt, _, pt, _, _, bt = signature.args
+            xt, ot, rt, _, pt = signature.args[:5]
             vt = ir.VectorType(context.get_data_type(xt.dtype), _vector_width(xt.dtype))
-            it = context.get_data_type(bt)
-            lanes = ir.Constant(ir.VectorType(it, vt.count), list(range(vt.count)))
-            nxt = builder.icmp_signed(">=", lanes, _splat(builder, lanes.type, args[7]))
-            p = [builder.select(nxt, _splat(builder, vt, _entry(context, builder, pt, args[4],
-                                                                 m, args[6])),
-                                _splat(builder, vt, _entry(context, builder, pt, args[4], m,
-                                                           args[5])))
-                 for m in range(4)]
+            p = _blend(context, builder, pt, args[4], args[5], args[6], args[7], vt, 4)
             y = _norm_vector(context, builder, xt, rt, args, p, vt, with_residual, with_relu)
             if streamed:
                 _stream_store(context, builder, ot, args[1], args[3], y)
@@ -528,6 +523,47 @@ def _norm_seg_intrinsic(with_residual: bool, with_relu: bool, streamed: bool):
         return sig, codegen
     return norm_seg
 
+
+def _blend(context, builder, pty, pval, c, cn, boundary, vt, count):
+    """Columns c (lanes before `boundary`) and cn (the others) of the first `count` rows of a
+    C-contiguous 2-D array, as vectors."""
+    it = boundary.type
+    lanes = ir.Constant(ir.VectorType(it, vt.count), list(range(vt.count)))
+    nxt = builder.icmp_signed(">=", lanes, _splat(builder, lanes.type, boundary))
+    return [builder.select(nxt, _splat(builder, vt, _entry(context, builder, pty, pval, m, cn)),
+                           _splat(builder, vt, _entry(context, builder, pty, pval, m, c)))
+            for m in range(count)]
+
+
+def _dx_seg_intrinsic(training: bool, masked: bool, streamed: bool):
+    """An intrinsic: dxf[i:i+V] as by _stream_dx, the lanes before `boundary` with the
+    constants of channel c (column c of consts = (a, b, c, hi, lo)), the others with those of
+    channel cn; streamed (dxf + i aligned) or stored plainly."""
+    @intrinsic
+    def dx_seg(typingctx, dyf, xf, of, dxf, i, consts, c, cn, boundary):
+        sig = types.void(dyf, xf, of, dxf, i, consts, c, cn, boundary)
+
+        def codegen(context, builder, signature, args):
+            dxt, pt = signature.args[3], signature.args[5]
+            vt = ir.VectorType(context.get_data_type(dxt.dtype), _vector_width(dxt.dtype))
+            p = _blend(context, builder, pt, args[5], args[6], args[7], args[8], vt,
+                       5 if training else 1)
+            dx = _dx_vector(context, builder, signature.args, args, p, vt, training, masked)
+            if streamed:
+                _stream_store(context, builder, dxt, args[3], args[4], dx)
+            else:
+                builder.store(dx, _vector_at(context, builder, dxt, args[3], args[4]), align=1)
+            return context.get_dummy_value()
+        return sig, codegen
+    return dx_seg
+
+
+_dx_seg = [[[_dx_seg_intrinsic(t, m, st) for st in (False, True)] for m in (False, True)]
+           for t in (False, True)]
+_dx_seg_frozen, _dx_seg_frozen_stream = _dx_seg[0][0]
+_dx_seg_frozen_masked, _dx_seg_frozen_masked_stream = _dx_seg[0][1]
+_dx_seg_plain, _dx_seg_stream = _dx_seg[1][0]
+_dx_seg_masked, _dx_seg_masked_stream = _dx_seg[1][1]
 
 _norm_seg = [[[_norm_seg_intrinsic(r, a, st) for st in (False, True)] for a in (False, True)]
              for r in (False, True)]
@@ -554,22 +590,30 @@ def _stream_dx_intrinsic(training: bool, masked: bool):
         def codegen(context, builder, signature, args):
             dyt, xt, ot, dxt, _, pt, _ = signature.args
             vt = ir.VectorType(context.get_data_type(xt.dtype), _vector_width(xt.dtype))
-            zero = ir.Constant(vt, [0.0] * vt.count)
             p = [_param(context, builder, pt, args[5], m, args[6], vt)
                  for m in range(5 if training else 1)]
-            g = _load(context, builder, dyt, args[0], args[4])
-            if masked:
-                o = _load(context, builder, ot, args[2], args[4])
-                g = builder.select(builder.fcmp_ordered(">", o, zero), g, zero)
-            dx = builder.fmul(g, p[0])
-            if training:
-                x = _load(context, builder, xt, args[1], args[4])
-                dx = builder.fadd(builder.fadd(
-                    dx, builder.fmul(builder.fsub(builder.fsub(x, p[3]), p[4]), p[1])), p[2])
+            dx = _dx_vector(context, builder, signature.args, args, p, vt, training, masked)
             _stream_store(context, builder, dxt, args[3], args[4], dx)
             return context.get_dummy_value()
         return sig, codegen
     return stream_dx
+
+
+def _dx_vector(context, builder, argtys, args, p, vt, training, masked):
+    """g * a + ((x - hi) - lo) * b + c (training) or g * a of the vector at args[4] (args: dyf,
+    xf, of, dxf, i, ...), p = (a, b, c, hi, lo) as vectors: the operations of _dx_rows."""
+    dyt, xt, ot = argtys[:3]
+    zero = ir.Constant(vt, [0.0] * vt.count)
+    g = _load(context, builder, dyt, args[0], args[4])
+    if masked:
+        o = _load(context, builder, ot, args[2], args[4])
+        g = builder.select(builder.fcmp_ordered(">", o, zero), g, zero)
+    dx = builder.fmul(g, p[0])
+    if training:
+        x = _load(context, builder, xt, args[1], args[4])
+        dx = builder.fadd(builder.fadd(
+            dx, builder.fmul(builder.fsub(builder.fsub(x, p[3]), p[4]), p[1])), p[2])
+    return dx
 
 
 _stream_dx = _stream_dx_intrinsic(True, False)
@@ -685,6 +729,54 @@ def _norm_seg_run(xf, of, rf, start, n, has_res, relu, consts, c, seg, zero, str
             _norm_seg_relu(xf, of, rf, i, consts, k, kn, b)
         else:
             _norm_seg_plain(xf, of, rf, i, consts, k, kn, b)
+        p += width
+        if p >= seg:
+            p -= seg
+            k += 1
+
+
+@njit(**_JIT)
+def _dx_seg_run(dyf, xf, of, dxf, start, n, has_out, training, consts, c, seg, zero, stream):
+    """dx over the run [start, start + n) across channels c, c + 1, ... of `seg` values each,
+    with the per-channel constants (a, b, c, hi, lo) of consts, as _norm_seg_run does for the
+    normalization."""
+    width = VECTOR_BYTES // xf.itemsize
+    last = consts.shape[1] - 1
+    head = _stream_head(dxf, start, n) if stream else 0
+    body = head + (n - head) // width * width
+    for t in range(n - body + head):  # head, then tail
+        t = t if t < head else t - head + body
+        k = c + t // seg
+        i = start + t
+        g = dyf[i] if not has_out or of[i] > 0 else zero
+        if training:
+            dxf[i] = (g * consts[0, k] + ((xf[i] - consts[3, k]) - consts[4, k]) * consts[1, k]
+                      + consts[2, k])
+        else:
+            dxf[i] = g * consts[0, k]
+    k = c + head // seg
+    p = head - (k - c) * seg
+    for t in range(head, body, width):
+        i = start + t
+        b = np.int64(seg - p)
+        kn = min(k + 1, last)
+        if stream:
+            if training and has_out:
+                _dx_seg_masked_stream(dyf, xf, of, dxf, i, consts, k, kn, b)
+            elif training:
+                _dx_seg_stream(dyf, xf, of, dxf, i, consts, k, kn, b)
+            elif has_out:
+                _dx_seg_frozen_masked_stream(dyf, xf, of, dxf, i, consts, k, kn, b)
+            else:
+                _dx_seg_frozen_stream(dyf, xf, of, dxf, i, consts, k, kn, b)
+        elif training and has_out:
+            _dx_seg_masked(dyf, xf, of, dxf, i, consts, k, kn, b)
+        elif training:
+            _dx_seg_plain(dyf, xf, of, dxf, i, consts, k, kn, b)
+        elif has_out:
+            _dx_seg_frozen_masked(dyf, xf, of, dxf, i, consts, k, kn, b)
+        else:
+            _dx_seg_frozen(dyf, xf, of, dxf, i, consts, k, kn, b)
         p += width
         if p >= seg:
             p -= seg
@@ -1004,6 +1096,18 @@ def _chw_dx(dy, x, output, has_out, training, consts, out, c0, c1, stream):
     of = output.reshape(output.size)
     dxf = out.reshape(out.size)
     zero = np.zeros(1, x.dtype)[0]
+    if VECTOR_BYTES // x.itemsize <= inner <= RUN:  # as in _chw_normalize
+        chans = max(1, SEG_RUN // inner)
+        chunks = (c1 - c0 + chans - 1) // chans
+        for task in prange(outer * chunks):
+            n = np.int64(task) // chunks
+            ca = c0 + (np.int64(task) % chunks) * chans
+            cb = min(c1, ca + chans)
+            _dx_seg_run(dyf, xf, of, dxf, (n * channels + ca) * inner, (cb - ca) * inner,
+                        has_out, training, consts, ca, inner, zero, stream)
+            if stream:
+                _store_fence()
+        return
     for u in prange(units):
         ca, cb, start, rows, stride, width, _ = _unit_rows(np.int64(u), c0, c1, outer,
                                                            channels, inner)

@@ -301,6 +301,43 @@ def test_short_rows_normalized_across_channels(monkeypatch, dtype, inner):
                 assert out.tobytes() == expected.tobytes()
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("inner", [7, 8, 15, 16, 17, 49, 196, numba_kernels.RUN])
+def test_short_rows_dx_across_channels(monkeypatch, dtype, inner):
+    """dx of channels-first rows of at most RUN values, in runs across channels as the
+    normalization: bit for bit g * a + ((x - hi) - lo) * b + c (training; g * a frozen), g
+    masked where the forward output <= 0, with the constants from the returned sums, in the
+    data's dtype, streamed or not, misaligned."""
+    rng = np.random.default_rng(13)
+    channels = 2 * numba_kernels.SEG_RUN // inner + 3
+    shape = (3, channels, inner)
+    x = (rng.standard_normal(shape) * 2 + 3).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    output = rng.standard_normal(shape).astype(dtype)
+    mean = rng.standard_normal(channels) + 3
+    invstd, weight = rng.random(channels) + 0.5, rng.standard_normal(channels)
+    count = shape[0] * inner
+    per_channel = (None, slice(None), None)
+    for out in (None, output):
+        g = dy if out is None else np.where(out > 0, dy, dtype(0))
+        for training in (False, True):
+            for stream_above, offset in [(1 << 62, 0), (0, 0), (0, 3)]:
+                monkeypatch.setattr(numba_kernels, "STREAM_ABOVE", stream_above)
+                dx = _offset_empty(shape, dtype, offset)
+                sum_dy, sum_dy_xmu = numba_kernels.backward(dy, x, mean, invstd, weight, out,
+                                                            training, dx, 2)
+                a = weight * invstd
+                want = g * a.astype(dtype)[per_channel]
+                if training:
+                    b = (-a * invstd * invstd * sum_dy_xmu / count).astype(dtype)
+                    c = (-a * sum_dy / count).astype(dtype)
+                    hi = mean.astype(dtype)
+                    lo = (mean - hi).astype(dtype)
+                    want = (want + ((x - hi[per_channel]) - lo[per_channel]) * b[per_channel]
+                            + c[per_channel])
+                assert dx.tobytes() == want.tobytes()
+
+
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("channels", [64, 97, 1030])
 def test_channels_last_float32_gradient_sums(channels, masked):
