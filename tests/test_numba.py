@@ -338,6 +338,39 @@ def test_short_rows_dx_across_channels(monkeypatch, dtype, inner):
                 assert dx.tobytes() == want.tobytes()
 
 
+def test_channels_first_float32_moments_of_long_rows():
+    """float32 rows longer than RUN are summed in float32 about a center from their first
+    values (_span_moments32), with float64 where that would lose digits: mean and M2 close to
+    exact float64 for offsets, an outlier first value, a step, sorted and ramp data,
+    huge and tiny values, constant channels; NaN kept to its channel; 1 and 2 threads alike."""
+    rng = np.random.default_rng(14)
+    shape = (4, 10, 3 * numba_kernels.RUN + 5)
+    base = rng.standard_normal(shape)
+    x = np.stack([base[:, 0], base[:, 1] + 1e4, base[:, 2] * 1e-3 + 1e6,
+                  np.sort(base[:, 3], axis=-1) * 100 + 5, base[:, 4] * 1e30,
+                  base[:, 5] * 1e-30, np.full(shape[::2], 3.7),
+                  np.broadcast_to(np.arange(shape[2], dtype=float), shape[::2]),
+                  base[:, 8], base[:, 9]], axis=1).astype(np.float32)
+    x[:, 8, 0] = 1e4   # an outlier first value
+    x[:, 0] *= np.float32(1e-3)
+    x[:, 0, :64] = 1.0  # a step: the center far from the mean, a small M2 (cancellation)
+    x[1, 9, 7] = np.nan
+    exact = x.astype(np.float64)
+    mean = exact.mean(axis=(0, 2))
+    m2 = ((exact - mean[None, :, None]) ** 2).sum(axis=(0, 2))
+    count, got_mean, got_m2 = numba_kernels.moments(x, 2)
+    assert count == shape[0] * shape[2]
+    std = np.sqrt(m2 / count)
+    ok = np.arange(shape[1]) != 9
+    assert np.all(np.abs(got_mean - mean)[ok] <= 1e-7 * std[ok])
+    assert np.all(np.abs(got_m2 - m2)[ok] <= 1e-6 * m2[ok])
+    assert got_m2[6] == 0.0 and got_mean[6] == np.float32(3.7)
+    assert np.isnan(got_mean[9]) and np.isnan(got_m2[9])
+    one_thread = numba_kernels.moments(x, 1)
+    assert got_mean.tobytes() == one_thread[1].tobytes()
+    assert got_m2.tobytes() == one_thread[2].tobytes()
+
+
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("channels", [64, 97, 1030])
 def test_channels_last_float32_gradient_sums(channels, masked):
