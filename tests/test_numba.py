@@ -338,6 +338,46 @@ def test_short_rows_dx_across_channels(monkeypatch, dtype, inner):
                 assert dx.tobytes() == want.tobytes()
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(3, 7, numba_kernels.OVERLAP_FROM + 33), (2, 5, 20000)])
+def test_overlapped_backward_equals_one_group_after_the_other(monkeypatch, dtype, shape):
+    """The channels-first backward of long rows sums one channel group while it streams the
+    dx of the group before, in one loop (OVERLAP): the same sums and dx bit for bit as one
+    group after the other (NaN payloads aside), training or frozen, masked or not, dx over
+    dy, at several output alignments, with a smaller last group."""
+    rng = np.random.default_rng(15)
+    x = (rng.standard_normal(shape) * 2 + 3).astype(dtype)
+    x[1, 2, ::7] = np.nan
+    dy = rng.standard_normal(shape).astype(dtype)
+    output = rng.standard_normal(shape).astype(dtype)
+    channels = shape[1]
+    mean = rng.standard_normal(channels) + 3
+    invstd, weight = rng.random(channels) + 0.5, rng.standard_normal(channels)
+    monkeypatch.setattr(numba_kernels, "STREAM_ABOVE", 0)
+    monkeypatch.setattr(numba_kernels, "GROUP_BYTES", 2 * x.nbytes // channels)  # 1 channel
+
+    def run(overlap, offset):
+        monkeypatch.setattr(numba_kernels, "OVERLAP", overlap)
+        results = []
+        for out in (None, output):
+            for training in (True, False):
+                dx = _offset_empty(shape, dtype, offset)
+                results += [*numba_kernels.backward(dy, x, mean, invstd, weight, out, training,
+                                                    dx, 2), dx]
+        in_place = dy.copy()
+        results += numba_kernels.backward(in_place, x, mean, invstd, weight, None, True,
+                                          in_place, 2)
+        return results + [in_place]
+
+    def bits(a):
+        return np.where(np.isnan(a), np.nan, a).tobytes()
+
+    plain = run(False, 0)
+    for offset in (0, 3):
+        for got, want in zip(run(True, offset), plain):
+            assert bits(got) == bits(want)
+
+
 def test_channels_first_float32_moments_of_long_rows():
     """float32 rows longer than RUN are summed in float32 about a center from their first
     values (_span_moments32), with float64 where that would lose digits: mean and M2 close to
