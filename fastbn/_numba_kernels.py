@@ -121,13 +121,15 @@ SAMPLE = 64
 CANCEL = 4.0
 # Channels per chunk when merging channels-last partials in parallel.
 MERGE_CHUNK = 256
-# Channels-first backward of rows of OVERLAP_FROM values or more, with streamed outputs,
-# overlaps the channel groups: one parallel pass sums group k (from memory) while it streams
-# group k-1's dx (from the cache), in the same loop (see _unit_pair). The Python wrapper passes
-# OVERLAP (False: sums, then dx, group by group; the same bits either way). Paired A/B on the
-# Zen 3, float32, 2 threads (training, unchanged, as the control: paired ratio 0.998-1.002),
-# backward x copy: 32x64x112x112 2.66 -> 2.21, masked 2.67 -> 2.23; 32x128x80x80 2.95 -> 2.61;
-# but 32x256x56x56 (rows of 3136) 2.95 -> 2.88, and with 1 thread 5.05 -> 5.64.
+# Channels-first training (float32) and backward of rows of OVERLAP_FROM values or more, with
+# streamed outputs, overlap the channel groups: one parallel pass sums group k (from memory)
+# while it streams group k-1's output (from the cache), in the same loop (see _unit_pair). The
+# Python wrappers pass OVERLAP (False: sums, then output, group by group; the same bits either
+# way). Paired A/B on the Zen 3, float32, 2 threads, x copy: backward 32x64x112x112 2.66 ->
+# 2.21 (with training unchanged as the control, paired ratio 0.998), masked 2.67 -> 2.23,
+# 32x128x80x80 2.95 -> 2.61; training 32x64x112x112 1.98 -> 1.50, 32x128x80x80 2.09 -> 1.71.
+# Rows of 3136 (56x56): training 2.21 -> 1.95 but backward unchanged with 2 threads, and with
+# 1 thread 5-15% slower, so they keep the plain order.
 OVERLAP = True
 OVERLAP_FROM = 4096
 # Values per task of the channels-first normalization of short rows: runs across channels in
@@ -329,7 +331,7 @@ def _rows_grad32(dyf, xf, of, has_out, start, rows, width, mean, s, q):
 
 
 @njit(**_JIT)
-def _span_moments32(xf, b, n, shift):
+def _span_moments32(xf, b, n, shift, side=None, pos=0, of=None, rf=None):
     """Shifted sums (sum(x - shift), sum((x - shift)**2)) of the float32 span xf[b:b + n] as
     the Cython backend computes them (fastbn_span_sums_f32): d = x - m in float32 about a
     center m taken from the first values (the first value plus the mean difference of the first
@@ -339,13 +341,15 @@ def _span_moments32(xf, b, n, shift):
     squares past float32's range) or tiny (a constant span, possible underflow), and a center
     far from the span's mean (sum(d)**2 close to n * sum(d*d): float32 cancellation). The
     float64 lanes convert every value; these compute in float32, twice as many per vector, and
-    convert one value per tree. Channels-first float32 moments, x copy, 2 threads, in one run:
+    convert one value per tree. `side`, pos: a streamed normalization of (out) of, residual rf
+    that advances by as many values per update (see _side_norm); the returned pos is where it
+    stopped. Channels-first float32 moments, x copy, 2 threads, in one run:
     32x256x56x56 1.46 -> 1.04, 32x64x112x112 1.26 -> 0.90 (Cython 0.72, 0.71); training
     2.17 -> 2.10 and 2.04 -> 1.98 (its normalization, about 1.05, is bound by the stores).
     Errors against exact float64 as the Cython kernel's (offsets, outliers, ramps, steps)."""
     rows = n // LANES
     if rows < 8:
-        return False, 0.0, 0.0
+        return False, 0.0, 0.0, pos
     x0 = xf[b]
     sample = min(n, SAMPLE)
     d = 0.0
@@ -369,6 +373,8 @@ def _span_moments32(xf, b, n, shift):
             t1[k] += np.float64(((d0 + d1) + (d2 + d3)) + ((d4 + d5) + (d6 + d7)))
             t2[k] += np.float64(((d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3))
                                 + ((d4 * d4 + d5 * d5) + (d6 * d6 + d7 * d7)))
+        if side is not None:
+            pos = _side_norm(side, pos, 8 * LANES, xf, of, rf)
         r += 8
     tail1 = 0.0
     tail2 = 0.0
@@ -381,9 +387,10 @@ def _span_moments32(xf, b, n, shift):
     total2 = t2.sum() + tail2
     if (not np.isfinite(total1) or not np.isfinite(total2) or total2 < n * 1e-30
             or total1 * total1 > total2 * n * (1.0 - 1.0 / CANCEL)):
-        return False, 0.0, 0.0
+        return False, 0.0, 0.0, pos
     delta = mm - shift
-    return True, total1 + n * delta, total2 + (2.0 * delta) * total1 + n * (delta * delta)
+    return (True, total1 + n * delta, total2 + (2.0 * delta) * total1 + n * (delta * delta),
+            pos)
 
 
 @njit(**_JIT)
@@ -756,17 +763,8 @@ def _norm_run(xf, of, rf, start, n, has_res, relu, consts, column, period, zero)
     head = _stream_head(of, start, n)
     body = head + (n - head) // width * width
     _norm_rows(xf, of, rf, start, 1, 0, head, has_res, relu, _from(consts, column), zero)
-    col = _wrap(column + head, period)
-    for t in range(head, body, width):
-        if has_res and relu:
-            _stream_norm_res_relu(xf, of, rf, start + t, consts, col)
-        elif has_res:
-            _stream_norm_res(xf, of, rf, start + t, consts, col)
-        elif relu:
-            _stream_norm_relu(xf, of, rf, start + t, consts, col)
-        else:
-            _stream_norm(xf, of, rf, start + t, consts, col)
-        col = _wrap(col + width, period)
+    col = _norm_vectors(xf, of, rf, start + head, (body - head) // width, has_res, relu, consts,
+                        _wrap(column + head, period), period)
     _norm_rows(xf, of, rf, start + body, 1, 0, n - body, has_res, relu, _from(consts, col),
                zero)
 
@@ -889,6 +887,35 @@ def _dx_run(dyf, xf, of, dxf, start, n, has_out, training, consts, column, perio
                       consts, _wrap(column + head, period), period)
     _dx_rows(dyf, xf, of, dxf, start + body, 1, 0, n - body, has_out, training,
              _from(consts, col), zero)
+
+
+@njit(inline="always", **_JIT)
+def _norm_vectors(xf, of, rf, start, count, has_res, relu, consts, column, period):
+    """`count` streamed vectors of the normalization from start (of + start aligned), the
+    constants as in _norm_run; returns the column after them."""
+    width = VECTOR_BYTES // xf.itemsize
+    col = column
+    for t in range(0, count * width, width):
+        if has_res and relu:
+            _stream_norm_res_relu(xf, of, rf, start + t, consts, col)
+        elif has_res:
+            _stream_norm_res(xf, of, rf, start + t, consts, col)
+        elif relu:
+            _stream_norm_relu(xf, of, rf, start + t, consts, col)
+        else:
+            _stream_norm(xf, of, rf, start + t, consts, col)
+        col = _wrap(col + width, period)
+    return col
+
+
+@njit(inline="always", **_JIT)
+def _side_norm(side, pos, n, xf, of, rf):
+    """_side_dx for the normalization: side = (end, has_res, relu, constants)."""
+    end, has_res, relu, cc = side
+    width = VECTOR_BYTES // xf.itemsize
+    count = min(n, end - pos) // width
+    _norm_vectors(xf, of, rf, pos, count, has_res, relu, cc, np.int64(0), np.int64(0))
+    return pos + count * width
 
 
 @njit(inline="always", **_JIT)
@@ -1037,7 +1064,7 @@ def _unit_sums(dy, x, output, grad, has_out, center, c0, c1, u, part_s, part_q):
             b = start + (c - ca) * inner
             slot = (c - c0) * bpc + j
             if not grad and _is_float32(xf):
-                ok, s1, s2 = _span_moments32(xf, b, seg, center[c])
+                ok, s1, s2, _ = _span_moments32(xf, b, seg, center[c])
                 if ok:
                     part_s[slot] = s1
                     part_q[slot] = s2
@@ -1244,18 +1271,38 @@ def _chw_dx(dy, x, output, has_out, training, consts, out, c0, c1, stream):
 
 
 @njit(**_JIT)
-def _unit_pair(dy, x, output, has_out, mean, c0, c1, part_s, part_q, consts, training, out, e0,
-               e1, u, do_a, do_e):
-    """Long rows, streamed dx: unit u of the gradient sums of channels [c0, c1) (when do_a; as
-    _unit_sums) beside unit u of dx of channels [e0, e1) (when do_e; as _chw_dx), channel
-    beside channel: the lanes' loop streams the other channel's dx as it goes (`side` of
-    _lanes_grad), so that one loop reads one group from memory while it writes the other."""
+def _output_run(grad, dyf, xf, of, rf, outf, start, n, has_out, training, has_res, relu, cc,
+                stream, zero):
+    """One channel's output over [start, start + n): dx when `grad` (cc = (a, b, c, hi, lo)),
+    else the normalization (cc = (hi, lo, scale, shift, unused)); streamed or plain stores."""
+    if grad and stream:
+        _dx_run(dyf, xf, of, outf, start, n, has_out, training, cc, np.int64(0), np.int64(0),
+                zero)
+    elif grad:
+        _dx_rows(dyf, xf, of, outf, start, np.int64(1), np.int64(0), n, has_out, training, cc,
+                 zero)
+    elif stream:
+        _norm_run(xf, outf, rf, start, n, has_res, relu, cc, np.int64(0), np.int64(0), zero)
+    else:
+        _norm_rows(xf, outf, rf, start, np.int64(1), np.int64(0), n, has_res, relu, cc, zero)
+
+
+@njit(**_JIT)
+def _unit_pair(dy, x, output, grad, has_out, center, c0, c1, part_s, part_q, consts, residual,
+               has_res, relu, training, out, e0, e1, u, do_a, do_e):
+    """Long rows, streamed output: unit u of the sums of channels [c0, c1) (when do_a; as
+    _unit_sums: gradient sums when `grad`, else float32 moments) beside unit u of the output
+    of channels [e0, e1) (when do_e; dx as _chw_dx, or the normalization as _chw_normalize),
+    channel beside channel: the sums' loop streams the other channel's output as it goes (the
+    `side` of _lanes_grad and _span_moments32), so that one loop reads one group from memory
+    while it writes the other."""
     outer, channels, inner = x.shape
     bpc = _geometry(outer, inner)[3]
     dyf = dy.reshape(dy.size)
     xf = x.reshape(x.size)
     of = output.reshape(output.size)
-    dxf = out.reshape(out.size)
+    rf = residual.reshape(residual.size)
+    outf = out.reshape(out.size)
     zero = np.zeros(1, x.dtype)[0]
     width = VECTOR_BYTES // x.itemsize
     period = np.int64(LANES)
@@ -1270,57 +1317,81 @@ def _unit_pair(dy, x, output, has_out, mean, c0, c1, part_s, part_q, consts, tra
     s = np.empty(period)
     q = np.empty(period)
     cv = np.empty(period)
+    last = consts.shape[0] - 1
     for k in range(max(cb - ca, eb - ea)):
         e = min(ea + k, channels - 1)
-        cc = (consts[0, e], consts[1, e], consts[2, e], consts[3, e], consts[4, e])
+        cc = (consts[0, e], consts[1, e], consts[2, e], consts[3, e], consts[last, e])
         be = estart + k * inner
         if k >= cb - ca:
-            _dx_run(dyf, xf, of, dxf, be, eseg, has_out, training, cc, np.int64(0),
-                    np.int64(0), zero)
+            _output_run(grad, dyf, xf, of, rf, outf, be, eseg, has_out, training, has_res,
+                        relu, cc, True, zero)
             continue
         b = start + k * inner
-        s[:] = 0.0
-        q[:] = 0.0
-        cv[:] = mean[ca + k]
-        if k < eb - ea:
-            head = _stream_head(dxf, be, eseg)
-            _dx_rows(dyf, xf, of, dxf, be, np.int64(1), np.int64(0), head, has_out, training,
-                     cc, zero)  # as _dx_run's head
-            side = (be + head + (eseg - head) // width * width, has_out, training, cc)
-            done = _grad_sums(dyf, xf, of, has_out, b, full, period, period, cv, s, q, side,
-                              be + head, dxf)
-            _dx_run(dyf, xf, of, dxf, done, be + eseg - done, has_out, training, cc,
-                    np.int64(0), np.int64(0), zero)
-        else:
-            _grad_sums(dyf, xf, of, has_out, b, full, period, period, cv, s, q)
-        _grad_sums(dyf, xf, of, has_out, b + full * period, np.int64(1), period,
+        paired = k < eb - ea
+        pos = end = be
+        if paired:  # the head up to the first aligned vector, as _dx_run and _norm_run do
+            head = _stream_head(outf, be, eseg)
+            _output_run(grad, dyf, xf, of, rf, outf, be, head, has_out, training, has_res,
+                        relu, cc, False, zero)
+            pos = be + head
+            end = pos + (eseg - head) // width * width
+        ok = False
+        s1 = s2 = 0.0
+        if not grad:
+            if paired:
+                ok, s1, s2, pos = _span_moments32(xf, b, seg, center[ca + k],
+                                                  (end, has_res, relu, cc), pos, outf, rf)
+            else:
+                ok, s1, s2, _ = _span_moments32(xf, b, seg, center[ca + k])
+        if not ok:
+            s[:] = 0.0
+            q[:] = 0.0
+            cv[:] = center[ca + k]
+            if grad and paired:
+                pos = _grad_sums(dyf, xf, of, has_out, b, full, period, period, cv, s, q,
+                                 (end, has_out, training, cc), pos, outf)
+            else:
+                _lanes(grad, has_out, dyf, xf, of, b, full, period, period, cv, s, q)
+            _lanes(grad, has_out, dyf, xf, of, b + full * period, np.int64(1), period,
                    seg - full * period, cv, s, q)
-        part_s[(ca + k - c0) * bpc + j] = s.sum()
-        part_q[(ca + k - c0) * bpc + j] = q.sum()
+            s1 = s.sum()
+            s2 = q.sum()
+        if paired:
+            _output_run(grad, dyf, xf, of, rf, outf, pos, be + eseg - pos, has_out, training,
+                        has_res, relu, cc, True, zero)
+        part_s[(ca + k - c0) * bpc + j] = s1
+        part_q[(ca + k - c0) * bpc + j] = s2
 
 
 @njit(**_PARALLEL)
-def _chw_overlap(dy, x, output, has_out, mean, c0, c1, part_s, part_q, consts, training, out,
-                 e0, e1):
-    """Long rows, streamed dx: the block gradient sums of channels [c0, c1) and dx of channels
-    [e0, e1) (the group before), unit u of one beside unit u of the other (see _unit_pair);
-    the sums of _chw_partials and the dx of _chw_dx, bit for bit."""
+def _chw_overlap(dy, x, output, grad, has_out, center, c0, c1, part_s, part_q, consts,
+                 residual, has_res, relu, training, out, e0, e1):
+    """Long rows, streamed output: the block sums of channels [c0, c1) and the output of
+    channels [e0, e1) (the group before), unit u of one beside unit u of the other (see
+    _unit_pair); the sums of _chw_partials and the outputs of _chw_dx or _chw_normalize, bit
+    for bit."""
     outer, _, inner = x.shape
     ua = _units(c0, c1, outer, inner)[1]
     ue = _units(e0, e1, outer, inner)[1]
     for i in prange(max(ua, ue)):
         u = np.int64(i)
-        _unit_pair(dy, x, output, has_out, mean, c0, c1, part_s, part_q, consts, training, out,
-                   e0, e1, u, u < ua, u < ue)
+        _unit_pair(dy, x, output, grad, has_out, center, c0, c1, part_s, part_q, consts,
+                   residual, has_res, relu, training, out, e0, e1, u, u < ua, u < ue)
         _store_fence()
 
 
 @njit(**_JIT)
 def _chw_stats(x, shift, c0, c1, part_s, part_q, mean, m2):
     """mean and M2 of channels [c0, c1): block partials merged with Chan's formula."""
+    _chw_partials(x, x, x, np.bool_(False), np.bool_(False), shift, c0, c1, part_s, part_q)
+    _chw_merged(x, shift, c0, c1, part_s, part_q, mean, m2)
+
+
+@njit(**_JIT)
+def _chw_merged(x, shift, c0, c1, part_s, part_q, mean, m2):
+    """mean and M2 of channels [c0, c1) from their block partials (Chan's formula)."""
     outer, _, inner = x.shape
     bpc = _geometry(outer, inner)[3]
-    _chw_partials(x, x, x, np.bool_(False), np.bool_(False), shift, c0, c1, part_s, part_q)
     for c in range(c0, c1):
         mc, m2c = _chw_merge(part_s, part_q, (c - c0) * bpc, outer, inner)
         mean[c] = shift[c] + mc
@@ -1338,7 +1409,8 @@ def _chw_moments(x):
 
 
 @njit(**_JIT)
-def _chw_train(x, weight, bias, eps, residual, has_res, relu, out, stream, group_bytes):
+def _chw_train(x, weight, bias, eps, residual, has_res, relu, out, stream, group_bytes,
+               overlap):
     outer, channels, inner = x.shape
     shift = _shift_of(x)
     mean = np.empty(channels)
@@ -1348,12 +1420,24 @@ def _chw_train(x, weight, bias, eps, residual, has_res, relu, out, stream, group
     group = _group_channels(outer, inner, x.itemsize, 1, channels, group_bytes)
     part_s = np.empty(group * _geometry(outer, inner)[3])
     part_q = np.empty(part_s.size)
-    for c0 in range(0, channels, group):
+    # as _chw_backward, for float32 data (its moments are the float32 ones of _span_moments32)
+    overlapped = overlap and stream and inner >= OVERLAP_FROM and _is_float32(x)
+    c0 = e0 = e1 = np.int64(0)  # [e0, e1): the group whose output is due
+    while c0 < channels or e0 < e1:
         c1 = min(channels, c0 + group)
-        _chw_stats(x, shift, c0, c1, part_s, part_q, mean, m2)
+        if overlapped:
+            _chw_overlap(x, x, x, np.bool_(False), np.bool_(False), shift, c0, c1, part_s,
+                         part_q, consts, residual, has_res, relu, np.bool_(True), out, e0, e1)
+            _chw_merged(x, shift, c0, c1, part_s, part_q, mean, m2)
+        else:
+            _chw_stats(x, shift, c0, c1, part_s, part_q, mean, m2)
         _affine_constants(mean, m2, np.float64(outer * inner), weight, bias, eps, var, consts,
                           c0, c1)
-        _chw_normalize(x, consts, residual, has_res, relu, out, c0, c1, stream)
+        if not overlapped:
+            _chw_normalize(x, consts, residual, has_res, relu, out, c0, c1, stream)
+        e0 = c0 if overlapped else c1
+        e1 = c1
+        c0 = c1
     return mean, var
 
 
@@ -1374,8 +1458,8 @@ def _chw_backward(dy, x, mean, invstd, weight, output, has_out, training, out, s
     while c0 < channels or e0 < e1:
         c1 = min(channels, c0 + group)
         if overlapped:
-            _chw_overlap(dy, x, output, has_out, mean, c0, c1, part_s, part_q, consts, training,
-                         out, e0, e1)
+            _chw_overlap(dy, x, output, np.bool_(True), has_out, mean, c0, c1, part_s, part_q,
+                         consts, x, np.bool_(False), np.bool_(False), training, out, e0, e1)
         else:
             _chw_partials(dy, x, output, np.bool_(True), has_out, mean, c0, c1, part_s,
                           part_q)
@@ -1612,12 +1696,15 @@ def train_forward(x, weight, bias, eps, residual, relu, out, num_threads=1):
     """Normalize with the batch statistics; return (mean, biased var)."""
     if x.shape[1] == 0:  # no channels: nothing to normalize (the block sizes divide by C)
         return np.zeros(0), np.zeros(0)
-    kernel = _hwc_train if x.shape[2] == 1 else _chw_train
-    return _run(num_threads, kernel,
-                lambda x, w, b, e, r, _, relu, o, stream, group: _reference().train_forward(
-                    x, w, b, e, None if not _ else r, relu, o),
-                x, weight, bias, float(eps), x if residual is None else residual,
-                residual is not None, bool(relu), out, _streamed(out), GROUP_BYTES)
+    args = (x, weight, bias, float(eps), x if residual is None else residual,
+            residual is not None, bool(relu), out, _streamed(out), GROUP_BYTES)
+
+    def fallback(x, w, b, e, r, has_res, relu, o, *_):
+        return _reference().train_forward(x, w, b, e, r if has_res else None, relu, o)
+
+    if x.shape[2] == 1:
+        return _run(num_threads, _hwc_train, fallback, *args)
+    return _run(num_threads, _chw_train, fallback, *args, OVERLAP)
 
 
 def backward(dy, x, mean, invstd, weight, output, training, out, num_threads=1):

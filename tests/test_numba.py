@@ -378,6 +378,40 @@ def test_overlapped_backward_equals_one_group_after_the_other(monkeypatch, dtype
             assert bits(got) == bits(want)
 
 
+@pytest.mark.parametrize("shape", [(3, 7, numba_kernels.OVERLAP_FROM + 33), (2, 5, 20000)])
+def test_overlapped_training_equals_one_group_after_the_other(monkeypatch, shape):
+    """float32 channels-first training of long rows sums one channel group while it streams
+    the output of the group before (OVERLAP): the same statistics and output bit for bit as
+    one group after the other (NaN payloads aside), with residual and ReLU, misaligned, a
+    channel whose float32 sums fall back to float64 (NaN)."""
+    rng = np.random.default_rng(16)
+    x = (rng.standard_normal(shape) * 2 + 3).astype(np.float32)
+    x[1, 2, ::7] = np.nan
+    residual = rng.standard_normal(shape).astype(np.float32)
+    channels = shape[1]
+    weight, bias = rng.standard_normal(channels), rng.standard_normal(channels)
+    monkeypatch.setattr(numba_kernels, "STREAM_ABOVE", 0)
+    monkeypatch.setattr(numba_kernels, "GROUP_BYTES", x.nbytes // channels)  # 1 channel
+
+    def run(overlap, offset):
+        monkeypatch.setattr(numba_kernels, "OVERLAP", overlap)
+        results = []
+        for res in (None, residual):
+            for relu in (False, True):
+                y = _offset_empty(shape, np.float32, offset)
+                results += [*numba_kernels.train_forward(x, weight, bias, 1e-5, res, relu, y, 2),
+                            y]
+        return results
+
+    def bits(a):
+        return np.where(np.isnan(a), np.nan, a).tobytes()
+
+    plain = run(False, 0)
+    for offset in (0, 3):
+        for got, want in zip(run(True, offset), plain):
+            assert bits(got) == bits(want)
+
+
 def test_channels_first_float32_moments_of_long_rows():
     """float32 rows longer than RUN are summed in float32 about a center from their first
     values (_span_moments32), with float64 where that would lose digits: mean and M2 close to
