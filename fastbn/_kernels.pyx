@@ -814,6 +814,8 @@ cdef extern from *:
         fastbn_side_scalar(s, s->end, s->n);
     }
 
+    /* The float32 span sums (see "float32 spans" above, by FASTBN_FLUSH and FASTBN_SAMPLE),
+       with an optional side pass; defined here, after the element-wise kernels they call. */
     static inline __attribute__((always_inline)) void fastbn_span_sums_core_f32(
             const float *x, Py_ssize_t n, double shift, double *sum1, double *sum2,
             fastbn_side_f32 *side) {
@@ -1517,7 +1519,8 @@ cdef inline void _emit(Elementwise* E, floating* dst, Py_ssize_t src, Py_ssize_t
 cdef void _cf_elementwise(Elementwise* E, floating* tag, Layout L, Py_ssize_t c0,
                           Py_ssize_t c1, char* bufs) noexcept nogil:
     """The element-wise pass over channels [c0, c1), channels-first: see _cf_pass."""
-    _cf_pass(tag, tag, tag, L, 0, 0, NULL, NULL, NULL, E, c0, c1, bufs)
+    _cf_pass(<floating*> NULL, <floating*> NULL, <floating*> NULL, L, 0, 0, NULL, NULL, NULL, E,
+             c0, c1, bufs)
 
 
 cdef inline void _pair(const floating* x, const floating* dy, const floating* output,
