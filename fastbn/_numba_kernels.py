@@ -31,7 +31,8 @@ channels, whose rows form one contiguous run per image; its lanes run across tha
 shift or mean per element, so a 49-value row costs no call, no remainder loop and no lane reset.
 The element-wise passes of short rows (normalization, dx) go through the tensor in memory order
 instead, in runs across channels where each vector takes the constants of the one or two
-channels it covers (``_norm_seg_run``, ``_dx_seg_run``). With long rows a block is one image's row (or a piece of it), cut into rows of
+channels it covers (``_norm_seg_run``, ``_dx_seg_run``).
+With long rows a block is one image's row (or a piece of it), cut into rows of
 ``LANES`` lanes, and a unit is the blocks of ``LONG_RUN // inner`` adjacent channels of one
 image: the units follow memory order. Every lane belongs to one channel, so how channels are
 shared out never changes a result (moments and training give the same statistics). Training
@@ -336,19 +337,22 @@ def _span_moments32(xf, b, n, shift, t1, t2, side=None, pos=0, of=None, rf=None)
     the Cython backend computes them (fastbn_span_sums_f32): d = x - m in float32 about a
     center m taken from the first values (the first value plus the mean difference of the first
     SAMPLE), eight rows of LANES values per update added as a float32 tree, each tree into
-    float64 lanes, then re-centred on `shift`. Returns (ok, sum1, sum2); not ok (the caller
-    sums in float64) for spans of fewer than eight rows, sums that are not finite (NaN or inf,
-    squares past float32's range) or tiny (a constant span, possible underflow), and a center
-    far from the span's mean (sum(d)**2 close to n * sum(d*d): float32 cancellation). The
-    float64 lanes convert every value; these compute in float32, twice as many per vector, and
-    convert one value per tree. t1, t2: LANES float64 values of scratch (no allocation per
-    span; with the center's sample and the last rows summed lane by lane: moments x copy
-    32x256x56x56 1.04 -> 1.00, 32x64x112x112 0.90 -> 0.86). `side`, pos: a streamed normalization of (out) of, residual rf
-    that advances by as many values per update (see _side_norm); the returned pos is where it
-    stopped. Channels-first float32 moments, x copy, 2 threads, in one run:
-    32x256x56x56 1.46 -> 1.04, 32x64x112x112 1.26 -> 0.90 (Cython 0.72, 0.71); training
-    2.17 -> 2.10 and 2.04 -> 1.98 (its normalization, about 1.05, is bound by the stores).
-    Errors against exact float64 as the Cython kernel's (offsets, outliers, ramps, steps)."""
+    float64 lanes, then re-centred on `shift`. t1, t2: LANES float64 values of scratch.
+
+    Returns (ok, sum1, sum2, pos); not ok (the caller sums in float64) for spans of fewer than
+    eight rows, sums that are not finite (NaN or inf, squares past float32's range) or tiny (a
+    constant span, possible underflow), and a center far from the span's mean (sum(d)**2 close
+    to n * sum(d*d): float32 cancellation). `side`, pos: a streamed normalization into `of`
+    (residual rf) that advances by as many values per update (see _side_norm); the returned pos
+    is where it stopped.
+
+    The float64 lanes convert every value; these compute in float32, twice as many per vector,
+    and convert one value per tree. Channels-first float32 moments, x copy, 2 threads, in one
+    run: 32x256x56x56 1.46 -> 1.04, 32x64x112x112 1.26 -> 0.90 (Cython 0.72, 0.71); training
+    2.17 -> 2.10 and 2.04 -> 1.98 (its normalization, about 1.05, is bound by the stores). No
+    allocation per span, the center's sample in eight independent sums and the last rows lane
+    by lane: 1.04 -> 1.00 and 0.90 -> 0.86. Errors against exact float64 as the Cython
+    kernel's (offsets, outliers, ramps, steps)."""
     rows = n // LANES
     if rows < 8:
         return False, 0.0, 0.0, pos
@@ -545,14 +549,19 @@ def _param(context, builder, pty, pval, m, column, vt):
     """Parameter m as a vector: row m of a C-contiguous 2-D array from `column` on (one value
     per element), or element m of a tuple repeated (one value for every element)."""
     if isinstance(pty, types.Array):
-        arr = context.make_array(pty)(context, builder, pval)
-        stride = builder.extract_value(arr.strides, 0)
-        rowp = builder.gep(builder.bitcast(arr.data, ir.IntType(8).as_pointer()),
-                           [builder.mul(stride, ir.Constant(stride.type, m))])
-        rowp = builder.bitcast(rowp, arr.data.type)
+        rowp = _row(context, builder, pty, pval, m)
         return builder.load(builder.bitcast(builder.gep(rowp, [column]), vt.as_pointer()),
                             align=1)
     return _splat(builder, vt, builder.extract_value(pval, m))
+
+
+def _row(context, builder, pty, pval, m):
+    """Pointer to the first element of row m of a C-contiguous 2-D array."""
+    arr = context.make_array(pty)(context, builder, pval)
+    stride = builder.extract_value(arr.strides, 0)
+    rowp = builder.gep(builder.bitcast(arr.data, ir.IntType(8).as_pointer()),
+                       [builder.mul(stride, ir.Constant(stride.type, m))])
+    return builder.bitcast(rowp, arr.data.type)
 
 
 def _stream_store(context, builder, aryty, ary, index, value):
@@ -595,11 +604,7 @@ def _stream_norm_intrinsic(with_residual: bool, with_relu: bool):
 
 def _entry(context, builder, pty, pval, m, column):
     """Element (m, column) of a C-contiguous 2-D array."""
-    arr = context.make_array(pty)(context, builder, pval)
-    stride = builder.extract_value(arr.strides, 0)
-    rowp = builder.gep(builder.bitcast(arr.data, ir.IntType(8).as_pointer()),
-                       [builder.mul(stride, ir.Constant(stride.type, m))])
-    return builder.load(builder.gep(builder.bitcast(rowp, arr.data.type), [column]))
+    return builder.load(builder.gep(_row(context, builder, pty, pval, m), [column]))
 
 
 def _norm_seg_intrinsic(with_residual: bool, with_relu: bool, streamed: bool):
