@@ -138,6 +138,7 @@ OVERLAP_FROM = 4096
 # channels of all images, strided), x copy, 64x2048x7x7 float32 inference 1.71 -> 1.27 (Cython
 # 1.18), training 2.37 -> 1.94 (Cython 2.17).
 SEG_RUN = 4096
+UNIT_CHUNK = 4
 
 _JIT = dict(cache=True, nogil=True)
 _PARALLEL = dict(parallel=True, cache=True, nogil=True)
@@ -332,7 +333,7 @@ def _rows_grad32(dyf, xf, of, has_out, start, rows, width, mean, s, q):
 
 
 @njit(**_JIT)
-def _span_moments32(xf, b, n, shift, t1, t2, side=None, pos=0, of=None, rf=None):
+def _span_moments32(xf, b, n, shift, t1, t2, u, side=None, pos=0, of=None, rf=None):
     """Shifted sums (sum(x - shift), sum((x - shift)**2)) of the float32 span xf[b:b + n] as
     the Cython backend computes them (fastbn_span_sums_f32): d = x - m in float32 about a
     center m taken from the first values (the first value plus the mean difference of the first
@@ -378,9 +379,12 @@ def _span_moments32(xf, b, n, shift, t1, t2, side=None, pos=0, of=None, rf=None)
             d5 = xs[k + 5 * LANES] - m
             d6 = xs[k + 6 * LANES] - m
             d7 = xs[k + 7 * LANES] - m
-            t1[k] += np.float64(((d0 + d1) + (d2 + d3)) + ((d4 + d5) + (d6 + d7)))
-            t2[k] += np.float64(((d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3))
-                                + ((d4 * d4 + d5 * d5) + (d6 * d6 + d7 * d7)))
+            u[0, k] = ((d0 + d1) + (d2 + d3)) + ((d4 + d5) + (d6 + d7))
+            u[1, k] = (((d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3))
+                       + ((d4 * d4 + d5 * d5) + (d6 * d6 + d7 * d7)))
+        for k in range(LANES):  # apart: a loop of float32 alone vectorizes twice as wide
+            t1[k] += np.float64(u[0, k])
+            t2[k] += np.float64(u[1, k])
         if side is not None:
             pos = _side_norm(side, pos, 8 * LANES, xf, of, rf)
         r += 8
@@ -406,6 +410,89 @@ def _span_moments32(xf, b, n, shift, t1, t2, side=None, pos=0, of=None, rf=None)
     delta = mm - shift
     return (True, total1 + n * delta, total2 + (2.0 * delta) * total1 + n * (delta * delta),
             pos)
+
+
+@njit(**_JIT)
+def _span_grad32(dyf, xf, of, has_out, b, n, mean, t1, t2, u, side=None, pos=0, sdxf=None):
+    """Backward sums (sum(g), sum(g * (x - mean))) of the float32 span [b, b + n), g = dy, or
+    dy where the forward output `of` > 0 when `has_out`, as the Cython backend computes them
+    (fastbn_span_grad_sums_f32): g * (x - m) about the mean rounded to float32, eight rows of
+    LANES values per update added as a float32 tree (the scratch u, 2 x LANES float32), each
+    tree into float64 lanes (t1, t2: LANES float64), then corrected by (m - mean) * sum(g).
+
+    Returns (ok, sum1, sum2, pos); not ok (the caller sums in float64) for spans of fewer than
+    eight rows and for sums that are not finite or tiny (possible underflow). `side`, pos,
+    sdxf: a streamed dx that advances by as many values per update (see _side_dx)."""
+    rows = n // LANES
+    if rows < 8:
+        return False, 0.0, 0.0, pos
+    m = np.float32(mean)
+    t1[:] = 0.0
+    t2[:] = 0.0
+    r = 0
+    while r + 8 <= rows:
+        a = b + r * LANES
+        gs = dyf[a:a + 8 * LANES]
+        xs = xf[a:a + 8 * LANES]
+        if has_out:  # the mask in a loop of its own, so that both loops vectorize
+            os = of[a:a + 8 * LANES]
+            for k in range(LANES):
+                g0, g1, g2, g3, g4, g5, g6, g7 = _masked8(gs, os, k)
+                u[0, k], u[1, k] = _tree8(g0, g1, g2, g3, g4, g5, g6, g7, xs, k, m)
+        else:
+            for k in range(LANES):
+                u[0, k], u[1, k] = _tree8(gs[k], gs[k + LANES], gs[k + 2 * LANES],
+                                          gs[k + 3 * LANES], gs[k + 4 * LANES],
+                                          gs[k + 5 * LANES], gs[k + 6 * LANES],
+                                          gs[k + 7 * LANES], xs, k, m)
+        for k in range(LANES):  # apart: a loop of float32 alone vectorizes twice as wide
+            t1[k] += np.float64(u[0, k])
+            t2[k] += np.float64(u[1, k])
+        if side is not None:
+            pos = _side_dx(side, pos, 8 * LANES, dyf, xf, of, sdxf)
+        r += 8
+    tail1 = 0.0
+    tail2 = 0.0
+    mm = np.float64(m)
+    for i in range(b + r * LANES, b + n):
+        g = np.float64(dyf[i]) if not has_out or of[i] > 0 else 0.0
+        tail1 += g
+        tail2 += g * (np.float64(xf[i]) - mm)
+    total1 = t1.sum() + tail1
+    total2 = t2.sum() + tail2
+    if (not np.isfinite(total1) or not np.isfinite(total2)
+            or abs(total2) < n * 1e-30 and not (total1 == 0.0 and total2 == 0.0)):
+        return False, 0.0, 0.0, pos
+    return True, total1, total2 + (mm - mean) * total1, pos
+
+
+@njit(inline="always", **_JIT)
+def _masked8(gs, os, k):
+    """The eight values g = gs[k + j * LANES] where os[...] > 0, else 0."""
+    zero = np.float32(0.0)
+    return (gs[k] if os[k] > 0 else zero,
+            gs[k + LANES] if os[k + LANES] > 0 else zero,
+            gs[k + 2 * LANES] if os[k + 2 * LANES] > 0 else zero,
+            gs[k + 3 * LANES] if os[k + 3 * LANES] > 0 else zero,
+            gs[k + 4 * LANES] if os[k + 4 * LANES] > 0 else zero,
+            gs[k + 5 * LANES] if os[k + 5 * LANES] > 0 else zero,
+            gs[k + 6 * LANES] if os[k + 6 * LANES] > 0 else zero,
+            gs[k + 7 * LANES] if os[k + 7 * LANES] > 0 else zero)
+
+
+@njit(inline="always", **_JIT)
+def _tree8(g0, g1, g2, g3, g4, g5, g6, g7, xs, k, m):
+    """sum(g_j) and sum(g_j * (xs[k + j * LANES] - m)) over j < 8, each as a float32 tree."""
+    h0 = g0 * (xs[k] - m)
+    h1 = g1 * (xs[k + LANES] - m)
+    h2 = g2 * (xs[k + 2 * LANES] - m)
+    h3 = g3 * (xs[k + 3 * LANES] - m)
+    h4 = g4 * (xs[k + 4 * LANES] - m)
+    h5 = g5 * (xs[k + 5 * LANES] - m)
+    h6 = g6 * (xs[k + 6 * LANES] - m)
+    h7 = g7 * (xs[k + 7 * LANES] - m)
+    return (((g0 + g1) + (g2 + g3)) + ((g4 + g5) + (g6 + g7)),
+            ((h0 + h1) + (h2 + h3)) + ((h4 + h5) + (h6 + h7)))
 
 
 @njit(**_JIT)
@@ -1049,38 +1136,42 @@ def _expand(v, ca, cb, inner):
     return e
 
 
-@njit(**_JIT)
-def _unit_sums(dy, x, output, grad, has_out, center, c0, c1, u, part_s, part_q):
+@njit(inline="always", **_JIT)
+def _unit_sums(dyf, xf, of, shape, grad, has_out, center, c0, c1, u, part_s, part_q, scratch,
+               lanes32):
     """Sums of work unit u into part_s/part_q[(c - c0) * bpc + j], block j, channel c.
 
     Shifted moments about `center` or, with `grad`, the backward sums about it (the mean).
     Short rows: lanes across the run of the unit's channels, one run per image. Long rows (one
     channel): each row's values as rows of LANES lanes plus a tail.
     """
-    outer, channels, inner = x.shape
+    outer, channels, inner = shape
     bpc = _geometry(outer, inner)[3]
     ca, cb, start, rows, stride, width, j = _unit_rows(u, c0, c1, outer, channels, inner)
-    dyf = dy.reshape(dy.size)
-    xf = x.reshape(x.size)
-    of = output.reshape(output.size)
     if inner <= RUN:
         centerv = _expand(center.reshape((1, channels)), ca, cb, inner)[0]
         period = inner
-        s = np.zeros(width)
-        q = np.zeros(width)
+        s = scratch[0, :width]
+        q = scratch[1, :width]
+        s[:] = 0.0
+        q[:] = 0.0
         _lanes(grad, has_out, dyf, xf, of, start, rows, stride, width, centerv, s, q)
     else:
         period = np.int64(LANES)
-        sc = np.empty(period)
-        qc = np.empty(period)
-        cc = np.empty(period)
+        sc = scratch[0, :period]
+        qc = scratch[1, :period]
+        cc = scratch[2, :period]
         seg = width - (cb - ca - 1) * inner  # one channel's part of the unit
         full = seg // period
         for c in range(ca, cb):
             b = start + (c - ca) * inner
             slot = (c - c0) * bpc + j
-            if not grad and _is_float32(xf):
-                ok, s1, s2, _ = _span_moments32(xf, b, seg, center[c], sc, qc)
+            if _is_float32(xf):
+                if grad:
+                    ok, s1, s2, _ = _span_grad32(dyf, xf, of, has_out, b, seg, center[c], sc,
+                                                 qc, lanes32)
+                else:
+                    ok, s1, s2, _ = _span_moments32(xf, b, seg, center[c], sc, qc, lanes32)
                 if ok:
                     part_s[slot] = s1
                     part_q[slot] = s2
@@ -1199,8 +1290,16 @@ def _chw_partials(dy, x, output, grad, has_out, center, c0, c1, part_s, part_q):
     """Block partial sums of channels [c0, c1) (see _unit_sums)."""
     outer, _, inner = x.shape
     units = _units(c0, c1, outer, inner)[1]
-    for u in prange(units):
-        _unit_sums(dy, x, output, grad, has_out, center, c0, c1, np.int64(u), part_s, part_q)
+    chunks = (units + UNIT_CHUNK - 1) // UNIT_CHUNK
+    dyf = dy.reshape(dy.size)
+    xf = x.reshape(x.size)
+    of = output.reshape(output.size)
+    for k in prange(chunks):
+        scratch = np.empty((3, max(RUN, LANES)))
+        lanes32 = np.empty((2, LANES), np.float32)
+        for u in range(np.int64(k) * UNIT_CHUNK, min(units, (np.int64(k) + 1) * UNIT_CHUNK)):
+            _unit_sums(dyf, xf, of, x.shape, grad, has_out, center, c0, c1, u, part_s, part_q,
+                       scratch, lanes32)
 
 
 @njit(**_PARALLEL)
@@ -1304,23 +1403,18 @@ def _output_run(grad, dyf, xf, of, rf, outf, start, n, has_out, training, has_re
 
 
 @njit(**_JIT)
-def _unit_pair(dy, x, output, grad, has_out, center, c0, c1, part_s, part_q, consts, residual,
-               has_res, relu, training, out, e0, e1, u, do_a, do_e):
+def _unit_pair(dyf, xf, of, rf, outf, shape, grad, has_out, center, c0, c1, part_s, part_q,
+               consts, has_res, relu, training, e0, e1, u, do_a, do_e, s, q, cv, u32):
     """Long rows, streamed output: unit u of the sums of channels [c0, c1) (when do_a; as
     _unit_sums: gradient sums when `grad`, else float32 moments) beside unit u of the output
     of channels [e0, e1) (when do_e; dx as _chw_dx, or the normalization as _chw_normalize),
     channel beside channel: the sums' loop streams the other channel's output as it goes (the
     `side` of _lanes_grad and _span_moments32), so that one loop reads one group from memory
     while it writes the other."""
-    outer, channels, inner = x.shape
+    outer, channels, inner = shape
     bpc = _geometry(outer, inner)[3]
-    dyf = dy.reshape(dy.size)
-    xf = x.reshape(x.size)
-    of = output.reshape(output.size)
-    rf = residual.reshape(residual.size)
-    outf = out.reshape(out.size)
-    zero = np.zeros(1, x.dtype)[0]
-    width = VECTOR_BYTES // x.itemsize
+    zero = np.zeros(1, xf.dtype)[0]
+    width = VECTOR_BYTES // xf.itemsize
     period = np.int64(LANES)
     ca = cb = start = seg = j = ea = eb = estart = eseg = np.int64(0)
     if do_a:
@@ -1330,9 +1424,6 @@ def _unit_pair(dy, x, output, grad, has_out, center, c0, c1, part_s, part_q, con
         ea, eb, estart, _, _, eseg, _ = _unit_rows(u, e0, e1, outer, channels, inner)
         eseg -= (eb - ea - 1) * inner
     full = seg // period
-    s = np.empty(period)
-    q = np.empty(period)
-    cv = np.empty(period)
     last = consts.shape[0] - 1
     for k in range(max(cb - ca, eb - ea)):
         e = min(ea + k, channels - 1)
@@ -1353,12 +1444,19 @@ def _unit_pair(dy, x, output, grad, has_out, center, c0, c1, part_s, part_q, con
             end = pos + (eseg - head) // width * width
         ok = False
         s1 = s2 = 0.0
-        if not grad:
+        if grad and _is_float32(xf):
             if paired:
-                ok, s1, s2, pos = _span_moments32(xf, b, seg, center[ca + k], s, q,
+                ok, s1, s2, pos = _span_grad32(dyf, xf, of, has_out, b, seg, center[ca + k], s,
+                                               q, u32, (end, has_out, training, cc), pos, outf)
+            else:
+                ok, s1, s2, _ = _span_grad32(dyf, xf, of, has_out, b, seg, center[ca + k], s,
+                                             q, u32)
+        elif not grad:
+            if paired:
+                ok, s1, s2, pos = _span_moments32(xf, b, seg, center[ca + k], s, q, u32,
                                                   (end, has_res, relu, cc), pos, outf, rf)
             else:
-                ok, s1, s2, _ = _span_moments32(xf, b, seg, center[ca + k], s, q)
+                ok, s1, s2, _ = _span_moments32(xf, b, seg, center[ca + k], s, q, u32)
         if not ok:
             s[:] = 0.0
             q[:] = 0.0
@@ -1389,10 +1487,19 @@ def _chw_overlap(dy, x, output, grad, has_out, center, c0, c1, part_s, part_q, c
     outer, _, inner = x.shape
     ua = _units(c0, c1, outer, inner)[1]
     ue = _units(e0, e1, outer, inner)[1]
-    for i in prange(max(ua, ue)):
-        u = np.int64(i)
-        _unit_pair(dy, x, output, grad, has_out, center, c0, c1, part_s, part_q, consts,
-                   residual, has_res, relu, training, out, e0, e1, u, u < ua, u < ue)
+    units = max(ua, ue)
+    dyf = dy.reshape(dy.size)
+    xf = x.reshape(x.size)
+    of = output.reshape(output.size)
+    rf = residual.reshape(residual.size)
+    outf = out.reshape(out.size)
+    for k in prange((units + UNIT_CHUNK - 1) // UNIT_CHUNK):
+        lanes = np.empty((3, LANES))
+        lanes32 = np.empty((2, LANES), np.float32)
+        for u in range(np.int64(k) * UNIT_CHUNK, min(units, (np.int64(k) + 1) * UNIT_CHUNK)):
+            _unit_pair(dyf, xf, of, rf, outf, x.shape, grad, has_out, center, c0, c1, part_s,
+                       part_q, consts, has_res, relu, training, e0, e1, u, u < ua, u < ue,
+                       lanes[0], lanes[1], lanes[2], lanes32)
         _store_fence()
 
 

@@ -445,26 +445,23 @@ def test_channels_first_float32_moments_of_long_rows():
     assert got_m2.tobytes() == one_thread[2].tobytes()
 
 
-@pytest.mark.parametrize("masked", [False, True])
-@pytest.mark.parametrize("channels", [64, 97, 1030])
-def test_channels_last_float32_gradient_sums(channels, masked):
-    """Channels-last float32 gradient sums in float32 lanes (_rows_grad32, below
-    GRAD32_BELOW channels) over several row blocks: the same bits for 1 and 2 threads, the
-    reference's values, NaN and inf kept to their channels, a tiny gradient not lost to
-    underflow, a large offset."""
+def _check_float32_gradient_sums(shape, masked):
+    """float32 gradient sums of an (outer, channels, inner) view: the same bits for 1 and 2
+    threads, the reference's values, NaN and inf kept to their channels, a tiny gradient not
+    lost to underflow, a large offset."""
     rng = np.random.default_rng(11)
-    rows = max(4, 3 * numba_kernels.BLOCK_NHWC // channels + 5)  # 3+ blocks, a partial one
-    x = (rng.standard_normal((rows, channels, 1)) * 3 + 1e4).astype(np.float32)
-    dy = rng.standard_normal((rows, channels, 1)).astype(np.float32)
+    x = (rng.standard_normal(shape) * 3 + 1e4).astype(np.float32)
+    dy = rng.standard_normal(shape).astype(np.float32)
     x[::3, 1] = np.nan
-    dy[5, 2] = np.inf
+    dy[1, 2, -1] = np.inf
     dy[:, 3] = 1e-38
     mean = x.astype(np.float64).mean(axis=(0, 2))
     mean[1] = 0.0
+    channels = shape[1]
     invstd, weight = np.ones(channels), rng.standard_normal(channels)
     output = None
     if masked:  # the ReLU's forward output: about half masked, NaN masked too
-        output = rng.standard_normal(x.shape).astype(np.float32)
+        output = rng.standard_normal(shape).astype(np.float32)
         output[::7, 5] = np.nan
         output[:, 1:4] = 1.0  # the NaN, inf and tiny channels stay unmasked
     runs = []
@@ -483,10 +480,27 @@ def test_channels_last_float32_gradient_sums(channels, masked):
     keep = np.arange(channels) > 3
     # float32 rounding of each term and each eight-row sum: errors relative to the sum of the
     # terms' magnitudes (the sums themselves cancel)
-    g, d = dy.astype(np.float64)[:, :, 0], x.astype(np.float64)[:, :, 0] - mean
+    g, d = dy.astype(np.float64), x.astype(np.float64) - mean[:, None]
     if masked:
-        g = np.where(output[:, :, 0] > 0, g, 0.0)
+        g = np.where(output > 0, g, 0.0)
     for got, exact, terms in ((sum_dy, want[0], np.abs(g)), (sum_dy_xmu, want[1], np.abs(g * d))):
-        bound = 1e-6 * terms.sum(axis=0)[keep]
+        bound = 1e-6 * terms.sum(axis=(0, 2))[keep]
         assert (np.abs(got[keep] - exact[keep]) <= bound).all()
     np.testing.assert_allclose(sum_dy[3], want[0][3], rtol=1e-6)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("channels", [64, 97, 1030])
+def test_channels_last_float32_gradient_sums(channels, masked):
+    """Channels-last float32 gradient sums in float32 lanes (_rows_grad32, below
+    GRAD32_BELOW channels) over several row blocks, a partial one among them."""
+    rows = max(4, 3 * numba_kernels.BLOCK_NHWC // channels + 5)
+    _check_float32_gradient_sums((rows, channels, 1), masked)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("inner", [3 * numba_kernels.RUN + 5, numba_kernels.OVERLAP_FROM + 33])
+def test_channels_first_float32_gradient_sums_of_long_rows(inner, masked):
+    """Channels-first float32 rows longer than RUN: gradient sums in float32 trees of eight
+    rows of LANES values (_span_grad32), a tail in float64, plain and overlapped."""
+    _check_float32_gradient_sums((3, 7, inner), masked)
