@@ -451,6 +451,17 @@ def _span_grad32(dyf, xf, of, has_out, b, n, mean, t1, t2, u, side=None, pos=0, 
         if side is not None:
             pos = _side_dx(side, pos, 8 * LANES, dyf, xf, of, sdxf)
         r += 8
+    zero = np.float32(0.0)
+    while r < rows:  # the last rows of LANES values, lane by lane (scalar: 64x slower)
+        a = b + r * LANES
+        gs = dyf[a:a + LANES]
+        xs = xf[a:a + LANES]
+        os = of[a:a + LANES]
+        for k in range(LANES):
+            g = gs[k] if not has_out or os[k] > 0 else zero
+            t1[k] += np.float64(g)
+            t2[k] += np.float64(g * (xs[k] - m))
+        r += 1
     tail1 = 0.0
     tail2 = 0.0
     mm = np.float64(m)
