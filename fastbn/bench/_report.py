@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import threadpoolctl
 
 import fastbn
 from fastbn._config import last_level_cache_bytes
@@ -188,7 +189,15 @@ def run_cases(cases, threads: int, min_time: float = 0.2, progress=sys.stderr,
     vs torch ratios compare times taken on the same state of the memory system. Smaller
     tensors are timed backend by backend, each interleaved with the copy only, so that they
     run from the cache as they would alone.
+
+    BLAS is limited to one thread meanwhile: no case calls it, but an OpenBLAS pool that an
+    earlier call woke spins on the cores the kernels need (2-7% of the profile samples).
     """
+    with threadpoolctl.threadpool_limits(limits=1, user_api="blas"):
+        return _run_cases(cases, threads, min_time, progress, check)
+
+
+def _run_cases(cases, threads, min_time, progress, check) -> list[dict]:
     reg.set_threads(threads)
     results: list[dict] = []
     copier = copy_method = copy_fn = None
