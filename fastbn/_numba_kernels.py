@@ -73,7 +73,10 @@ backward 3.4 s; inference alone from an empty cache 4.2 s. Warm cache: import 0.
 is imported on first use), first call 0.2 s. On the 2-core Zen 3 VM of 2026-12-02, float32
 channels-first, empty cache, in this order: inference 8.4 s, training 12.6 s, backward 11.3 s
 (7.1, 11.8 and 9.0 s before the runs across channels of short rows and the float32 moments of
-long rows); warm cache: first call 0.5 s.
+long rows); warm cache: first call 0.5 s. Same VM, 2026-12-03, in that order from one empty
+cache: inference 9.2 s, training 44.3 s, backward 11.9 s, against 9.1, 35.1 and 11.6 s for the
+code before the float32 gradient sums of long rows (_span_grad32: training compiles them too, in
+the unit functions it shares with the backward); warm cache: import and first call 0.66 s.
 """
 from __future__ import annotations
 
@@ -138,6 +141,7 @@ OVERLAP_FROM = 4096
 # channels of all images, strided), x copy, 64x2048x7x7 float32 inference 1.71 -> 1.27 (Cython
 # 1.18), training 2.37 -> 1.94 (Cython 2.17).
 SEG_RUN = 4096
+# Work units per task of the sums passes (scratch allocated once per task).
 UNIT_CHUNK = 4
 
 _JIT = dict(cache=True, nogil=True)
@@ -352,8 +356,12 @@ def _span_moments32(xf, b, n, shift, t1, t2, u, side=None, pos=0, of=None, rf=No
     run: 32x256x56x56 1.46 -> 1.04, 32x64x112x112 1.26 -> 0.90 (Cython 0.72, 0.71); training
     2.17 -> 2.10 and 2.04 -> 1.98 (its normalization, about 1.05, is bound by the stores). No
     allocation per span, the center's sample in eight independent sums and the last rows lane
-    by lane: 1.04 -> 1.00 and 0.90 -> 0.86. Errors against exact float64 as the Cython
-    kernel's (offsets, outliers, ramps, steps)."""
+    by lane: 1.04 -> 1.00 and 0.90 -> 0.86. Each update's trees stored in the float32 scratch
+    u first and widened in a loop of their own: LLVM sizes a loop's vectors by its widest type,
+    so the float32 arithmetic ran four lanes wide beside the float64 accumulation; apart it runs
+    eight (one thread, in L2: 5.5 -> 8.0 values per ns; 32x256x56x56 moments 0.97 -> 0.92 x
+    copy). Errors against exact float64 as the Cython kernel's (offsets, outliers, ramps,
+    steps)."""
     rows = n // LANES
     if rows < 8:
         return False, 0.0, 0.0, pos
@@ -422,7 +430,10 @@ def _span_grad32(dyf, xf, of, has_out, b, n, mean, t1, t2, u, side=None, pos=0, 
 
     Returns (ok, sum1, sum2, pos); not ok (the caller sums in float64) for spans of fewer than
     eight rows and for sums that are not finite or tiny (possible underflow). `side`, pos,
-    sdxf: a streamed dx that advances by as many values per update (see _side_dx)."""
+    sdxf: a streamed dx that advances by as many values per update (see _side_dx).
+
+    Against the float64 lanes of _grad_sums, one thread, spans of 3136 in L2: 3.2 -> 4.7 values
+    per ns, ReLU-masked 0.9 -> 4.1."""
     rows = n // LANES
     if rows < 8:
         return False, 0.0, 0.0, pos
@@ -1147,7 +1158,7 @@ def _expand(v, ca, cb, inner):
     return e
 
 
-@njit(inline="always", **_JIT)
+@njit(**_JIT)
 def _unit_sums(dyf, xf, of, shape, grad, has_out, center, c0, c1, u, part_s, part_q, scratch,
                lanes32):
     """Sums of work unit u into part_s/part_q[(c - c0) * bpc + j], block j, channel c.
@@ -1302,6 +1313,9 @@ def _chw_partials(dy, x, output, grad, has_out, center, c0, c1, part_s, part_q):
     outer, _, inner = x.shape
     units = _units(c0, c1, outer, inner)[1]
     chunks = (units + UNIT_CHUNK - 1) // UNIT_CHUNK
+    # The flat views and the scratch once per call and chunk, not per unit: each reshape updates
+    # the array's reference count atomically, a cache line both threads write (32x256x56x56
+    # gradient sums 1.45 -> 1.38 x copy; a bare loop over the rows: 1.33).
     dyf = dy.reshape(dy.size)
     xf = x.reshape(x.size)
     of = output.reshape(output.size)
