@@ -463,7 +463,7 @@ def _span_grad32(dyf, xf, of, has_out, b, n, mean, t1, t2, u, side=None, pos=0, 
             pos = _side_dx(side, pos, 8 * LANES, dyf, xf, of, sdxf)
         r += 8
     zero = np.float32(0.0)
-    while r < rows:  # the last rows of LANES values, lane by lane (scalar: 64x slower)
+    while r < rows:  # the last rows of LANES values, lane by lane (vectorized, not scalar)
         a = b + r * LANES
         gs = dyf[a:a + LANES]
         xs = xf[a:a + LANES]
@@ -1165,7 +1165,9 @@ def _unit_sums(dyf, xf, of, shape, grad, has_out, center, c0, c1, u, part_s, par
 
     Shifted moments about `center` or, with `grad`, the backward sums about it (the mean).
     Short rows: lanes across the run of the unit's channels, one run per image. Long rows (one
-    channel): each row's values as rows of LANES lanes plus a tail.
+    channel): each row's values as rows of LANES lanes plus a tail. dyf, xf, of: the flat
+    arrays, `shape` their (outer, channels, inner) view; scratch (3 x max(RUN, LANES) float64)
+    and lanes32 (2 x LANES float32): the calling task's.
     """
     outer, channels, inner = shape
     bpc = _geometry(outer, inner)[3]
