@@ -502,5 +502,7 @@ def test_channels_last_float32_gradient_sums(channels, masked):
 @pytest.mark.parametrize("inner", [3 * numba_kernels.RUN + 5, numba_kernels.OVERLAP_FROM + 33])
 def test_channels_first_float32_gradient_sums_of_long_rows(inner, masked):
     """Channels-first float32 rows longer than RUN: gradient sums in float32 trees of eight
-    rows of LANES values (_span_grad32), a tail in float64, plain and overlapped."""
+    rows of LANES values (_span_grad32), the last rows lane by lane, a tail in float64. (These
+    outputs are not streamed, so the groups are not overlapped; the overlapped backward is
+    checked against this plain one bit for bit above.)"""
     _check_float32_gradient_sums((3, 7, inner), masked)
