@@ -61,22 +61,23 @@ The thread count comes from ``fastbn.set_num_threads`` (or OpenMP's limit): it i
 
 Compilation
 -----------
-Kernels compile lazily, each specialized only on the dtype (residual/output presence, ReLU and
-training are runtime flags): three parallel functions per layout (channels-first: block partial
-sums, normalization, dx; channels-last: moments, normalization, backward) and small serial
-functions that combine them, so at most 12 parallel specializations exist and a user pays only for
-those used. All are cached on disk (``cache=True``; Numba writes cache files atomically and keys
-them on the source file's timestamp). Measured on the 2-core Zen 5 VM, float32, empty cache, each
-in a fresh process (in this order, each reusing what the ones before compiled): channels-first
-moments 4.8 s, training 5.0 s, backward 4.5 s; channels-last moments 1.8 s, training 5.4 s,
-backward 3.4 s; inference alone from an empty cache 4.2 s. Warm cache: import 0.05 s (Numba
-is imported on first use), first call 0.2 s. On the 2-core Zen 3 VM of 2026-12-02, float32
-channels-first, empty cache, in this order: inference 8.4 s, training 12.6 s, backward 11.3 s
-(7.1, 11.8 and 9.0 s before the runs across channels of short rows and the float32 moments of
-long rows); warm cache: first call 0.5 s. Same VM, 2026-12-03, in that order from one empty
-cache: inference 9.2 s, training 44.3 s, backward 11.9 s, against 9.1, 35.1 and 11.6 s for the
-code before the float32 gradient sums of long rows (_span_grad32: training compiles them too, in
-the unit functions it shares with the backward); warm cache: import and first call 0.66 s.
+Kernels compile lazily, each specialized on the dtype (residual/output presence, ReLU and
+training are runtime flags) and, for the channels-first block sums, on the kind of sums: dy None
+(moments) or an array (backward sums), chosen when typed (see _lanes), so training does not
+compile the gradient sums nor the backward the moments. Per layout there are the parallel
+block sums, normalization and dx (channels-first also the overlapped pair of _chw_overlap;
+channels-last: moments, normalization, backward), and small serial functions that combine them;
+a user pays only for those used. All are cached on disk (``cache=True``; Numba writes cache
+files atomically and keys them on the source file's timestamp).
+
+First calls measured on the 2-core Zen 3 VM, float32 channels-first, from one empty cache, each
+in a fresh process, in this order (each reusing what the ones before compiled), 2026-12-03,
+two runs: inference 11.8-12.3 s, training 27.4-29.9 s, backward 47.0-54.5 s. The code before
+the split by kind, in the same session: 9.9-13.0, 48.6-53.6 and 13.7-15.5 s (training compiled
+the gradient sums, and the backward reused them): a first training call now takes half as
+long, and training plus backward about 10% longer (the block-sums functions compile twice).
+Warm cache: import and first call 0.66 s. Earlier on a Zen 5 VM (older, smaller kernels):
+channels-first training 5.0 s, backward 4.5 s, channels-last 5.4 and 3.4 s.
 """
 from __future__ import annotations
 
@@ -276,6 +277,18 @@ def _is_float32(a):
 def _is_float32_jit(a):
     flag = a.dtype == types.float32
     return lambda a: flag
+
+
+def _flat(a):
+    """The flat view of array `a`, or None for None (moments pass dy as None: see _lanes)."""
+    return None if a is None else a.reshape(a.size)
+
+
+@overload(_flat, inline="always")
+def _flat_jit(a):
+    if isinstance(a, types.NoneType):
+        return lambda a: None
+    return lambda a: a.reshape(a.size)
 
 
 @njit(**_JIT)
@@ -540,13 +553,45 @@ def _grad_sums(dyf, xf, of, has_out, start, rows, stride, width, meanv, s, q, si
                        dyf, of, dxf)
 
 
-@njit(**_JIT)
-def _lanes(grad, has_out, dyf, xf, of, start, rows, stride, width, centerv, s, q):
-    """_grad_sums about centerv when `grad`, else _lanes_moments about centerv."""
-    if grad:
+# The sums of a unit are backward sums when dyf is an array and moments when it is None (see
+# _flat). The three functions below choose when they are typed, so a caller compiles only its
+# own kind: training does not compile the gradient sums, nor the backward the moments.
+
+def _lanes(has_out, dyf, xf, of, start, rows, stride, width, centerv, s, q):
+    """_grad_sums about centerv, or (dyf None) _lanes_moments about centerv."""
+
+
+@overload(_lanes, jit_options=_JIT)
+def _lanes_jit(has_out, dyf, xf, of, start, rows, stride, width, centerv, s, q):
+    if isinstance(dyf, types.NoneType):
+        def moments(has_out, dyf, xf, of, start, rows, stride, width, centerv, s, q):
+            _lanes_moments(xf, start, rows, stride, width, centerv, s, q)
+        return moments
+
+    def grad(has_out, dyf, xf, of, start, rows, stride, width, centerv, s, q):
         _grad_sums(dyf, xf, of, has_out, start, rows, stride, width, centerv, s, q)
-    else:
-        _lanes_moments(xf, start, rows, stride, width, centerv, s, q)
+    return grad
+
+
+def _span_sums32(dyf, xf, of, has_out, b, n, center, t1, t2, u, side=None, pos=0, outf=None,
+                 rf=None):
+    """_span_grad32 about the mean `center` (side: (end, has_out, training, cc)), or (dyf None)
+    _span_moments32 about the shift `center` (side: (end, has_res, relu, cc))."""
+
+
+@overload(_span_sums32, jit_options=_JIT)
+def _span_sums32_jit(dyf, xf, of, has_out, b, n, center, t1, t2, u, side=None, pos=0,
+                     outf=None, rf=None):
+    if isinstance(dyf, types.NoneType):
+        def moments(dyf, xf, of, has_out, b, n, center, t1, t2, u, side=None, pos=0, outf=None,
+                    rf=None):
+            return _span_moments32(xf, b, n, center, t1, t2, u, side, pos, outf, rf)
+        return moments
+
+    def grad(dyf, xf, of, has_out, b, n, center, t1, t2, u, side=None, pos=0, outf=None,
+             rf=None):
+        return _span_grad32(dyf, xf, of, has_out, b, n, center, t1, t2, u, side, pos, outf)
+    return grad
 
 
 def _at(v, m, i):
@@ -1159,11 +1204,11 @@ def _expand(v, ca, cb, inner):
 
 
 @njit(**_JIT)
-def _unit_sums(dyf, xf, of, shape, grad, has_out, center, c0, c1, u, part_s, part_q, scratch,
+def _unit_sums(dyf, xf, of, shape, has_out, center, c0, c1, u, part_s, part_q, scratch,
                lanes32):
     """Sums of work unit u into part_s/part_q[(c - c0) * bpc + j], block j, channel c.
 
-    Shifted moments about `center` or, with `grad`, the backward sums about it (the mean).
+    Shifted moments about `center` when dyf is None, else the backward sums about it (the mean).
     Short rows: lanes across the run of the unit's channels, one run per image. Long rows (one
     channel): each row's values as rows of LANES lanes plus a tail. dyf, xf, of: the flat
     arrays, `shape` their (outer, channels, inner) view; scratch (3 x max(RUN, LANES) float64)
@@ -1179,7 +1224,7 @@ def _unit_sums(dyf, xf, of, shape, grad, has_out, center, c0, c1, u, part_s, par
         q = scratch[1, :width]
         s[:] = 0.0
         q[:] = 0.0
-        _lanes(grad, has_out, dyf, xf, of, start, rows, stride, width, centerv, s, q)
+        _lanes(has_out, dyf, xf, of, start, rows, stride, width, centerv, s, q)
     else:
         period = np.int64(LANES)
         sc = scratch[0, :period]
@@ -1191,11 +1236,8 @@ def _unit_sums(dyf, xf, of, shape, grad, has_out, center, c0, c1, u, part_s, par
             b = start + (c - ca) * inner
             slot = (c - c0) * bpc + j
             if _is_float32(xf):
-                if grad:
-                    ok, s1, s2, _ = _span_grad32(dyf, xf, of, has_out, b, seg, center[c], sc,
-                                                 qc, lanes32)
-                else:
-                    ok, s1, s2, _ = _span_moments32(xf, b, seg, center[c], sc, qc, lanes32)
+                ok, s1, s2, _ = _span_sums32(dyf, xf, of, has_out, b, seg, center[c], sc, qc,
+                                             lanes32)
                 if ok:
                     part_s[slot] = s1
                     part_q[slot] = s2
@@ -1203,8 +1245,8 @@ def _unit_sums(dyf, xf, of, shape, grad, has_out, center, c0, c1, u, part_s, par
             sc[:] = 0.0
             qc[:] = 0.0
             cc[:] = center[c]
-            _lanes(grad, has_out, dyf, xf, of, b, full, period, period, cc, sc, qc)
-            _lanes(grad, has_out, dyf, xf, of, b + full * period, np.int64(1), period,
+            _lanes(has_out, dyf, xf, of, b, full, period, period, cc, sc, qc)
+            _lanes(has_out, dyf, xf, of, b + full * period, np.int64(1), period,
                    seg - full * period, cc, sc, qc)
             part_s[slot] = sc.sum()
             part_q[slot] = qc.sum()
@@ -1310,7 +1352,7 @@ def _grad_constants(c0, c1, n, mean, invstd, weight, sum_dy, sum_dy_xmu, consts)
 # np.int64 keep one specialization per dtype.
 
 @njit(**_PARALLEL)
-def _chw_partials(dy, x, output, grad, has_out, center, c0, c1, part_s, part_q):
+def _chw_partials(dy, x, output, has_out, center, c0, c1, part_s, part_q):
     """Block partial sums of channels [c0, c1) (see _unit_sums)."""
     outer, _, inner = x.shape
     units = _units(c0, c1, outer, inner)[1]
@@ -1318,14 +1360,14 @@ def _chw_partials(dy, x, output, grad, has_out, center, c0, c1, part_s, part_q):
     # The flat views and the scratch once per call and chunk, not per unit: each reshape updates
     # the array's reference count atomically, a cache line both threads write (32x256x56x56
     # gradient sums 1.45 -> 1.38 x copy; a bare loop over the rows: 1.33).
-    dyf = dy.reshape(dy.size)
+    dyf = _flat(dy)
     xf = x.reshape(x.size)
     of = output.reshape(output.size)
     for k in prange(chunks):
         scratch = np.empty((3, max(RUN, LANES)))
         lanes32 = np.empty((2, LANES), np.float32)
         for u in range(np.int64(k) * UNIT_CHUNK, min(units, (np.int64(k) + 1) * UNIT_CHUNK)):
-            _unit_sums(dyf, xf, of, x.shape, grad, has_out, center, c0, c1, u, part_s, part_q,
+            _unit_sums(dyf, xf, of, x.shape, has_out, center, c0, c1, u, part_s, part_q,
                        scratch, lanes32)
 
 
@@ -1412,32 +1454,45 @@ def _chw_dx(dy, x, output, has_out, training, consts, out, c0, c1, stream):
             _store_fence()
 
 
-@njit(**_JIT)
-def _output_run(grad, dyf, xf, of, rf, outf, start, n, has_out, training, has_res, relu, cc,
+def _output_run(dyf, xf, of, rf, outf, start, n, has_out, training, has_res, relu, cc,
                 stream, zero):
-    """One channel's output over [start, start + n): dx when `grad` (cc = (a, b, c, hi, lo)),
-    else the normalization (cc = (hi, lo, scale, shift, unused)); streamed or plain stores."""
-    if grad and stream:
-        _dx_run(dyf, xf, of, outf, start, n, has_out, training, cc, np.int64(0), np.int64(0),
-                zero)
-    elif grad:
-        _dx_rows(dyf, xf, of, outf, start, np.int64(1), np.int64(0), n, has_out, training, cc,
-                 zero)
-    elif stream:
-        _norm_run(xf, outf, rf, start, n, has_res, relu, cc, np.int64(0), np.int64(0), zero)
-    else:
-        _norm_rows(xf, outf, rf, start, np.int64(1), np.int64(0), n, has_res, relu, cc, zero)
+    """One channel's output over [start, start + n): dx (cc = (a, b, c, hi, lo)), or (dyf None)
+    the normalization (cc = (hi, lo, scale, shift, unused)); streamed or plain stores."""
+
+
+@overload(_output_run, jit_options=_JIT)
+def _output_run_jit(dyf, xf, of, rf, outf, start, n, has_out, training, has_res, relu, cc,
+                    stream, zero):
+    if isinstance(dyf, types.NoneType):
+        def normalize(dyf, xf, of, rf, outf, start, n, has_out, training, has_res, relu, cc,
+                      stream, zero):
+            if stream:
+                _norm_run(xf, outf, rf, start, n, has_res, relu, cc, np.int64(0), np.int64(0),
+                          zero)
+            else:
+                _norm_rows(xf, outf, rf, start, np.int64(1), np.int64(0), n, has_res, relu, cc,
+                           zero)
+        return normalize
+
+    def dx(dyf, xf, of, rf, outf, start, n, has_out, training, has_res, relu, cc, stream, zero):
+        if stream:
+            _dx_run(dyf, xf, of, outf, start, n, has_out, training, cc, np.int64(0),
+                    np.int64(0), zero)
+        else:
+            _dx_rows(dyf, xf, of, outf, start, np.int64(1), np.int64(0), n, has_out, training,
+                     cc, zero)
+    return dx
 
 
 @njit(**_JIT)
-def _unit_pair(dyf, xf, of, rf, outf, shape, grad, has_out, center, c0, c1, part_s, part_q,
+def _unit_pair(dyf, xf, of, rf, outf, shape, has_out, center, c0, c1, part_s, part_q,
                consts, has_res, relu, training, e0, e1, u, do_a, do_e, s, q, cv, u32):
     """Long rows, streamed output: unit u of the sums of channels [c0, c1) (when do_a; as
-    _unit_sums: gradient sums when `grad`, else float32 moments) beside unit u of the output
-    of channels [e0, e1) (when do_e; dx as _chw_dx, or the normalization as _chw_normalize),
-    channel beside channel: the sums' loop streams the other channel's output as it goes (the
-    `side` of _lanes_grad and _span_moments32), so that one loop reads one group from memory
-    while it writes the other."""
+    _unit_sums: gradient sums when dyf is an array, else float32 moments) beside unit u of the
+    output of channels [e0, e1) (when do_e; dx as _chw_dx, or the normalization as
+    _chw_normalize), channel beside channel: the sums' loop streams the other channel's output
+    as it goes (the `side` of _lanes_grad and _span_moments32), so that one loop reads one group
+    from memory while it writes the other."""
     outer, channels, inner = shape
     bpc = _geometry(outer, inner)[3]
     zero = np.zeros(1, xf.dtype)[0]
@@ -1457,7 +1512,7 @@ def _unit_pair(dyf, xf, of, rf, outf, shape, grad, has_out, center, c0, c1, part
         cc = (consts[0, e], consts[1, e], consts[2, e], consts[3, e], consts[last, e])
         be = estart + k * inner
         if k >= cb - ca:
-            _output_run(grad, dyf, xf, of, rf, outf, be, eseg, has_out, training, has_res,
+            _output_run(dyf, xf, of, rf, outf, be, eseg, has_out, training, has_res,
                         relu, cc, True, zero)
             continue
         b = start + k * inner
@@ -1465,47 +1520,41 @@ def _unit_pair(dyf, xf, of, rf, outf, shape, grad, has_out, center, c0, c1, part
         pos = end = be
         if paired:  # the head up to the first aligned vector, as _dx_run and _norm_run do
             head = _stream_head(outf, be, eseg)
-            _output_run(grad, dyf, xf, of, rf, outf, be, head, has_out, training, has_res,
+            _output_run(dyf, xf, of, rf, outf, be, head, has_out, training, has_res,
                         relu, cc, False, zero)
             pos = be + head
             end = pos + (eseg - head) // width * width
         ok = False
         s1 = s2 = 0.0
-        if grad and _is_float32(xf):
-            if paired:
-                ok, s1, s2, pos = _span_grad32(dyf, xf, of, has_out, b, seg, center[ca + k], s,
-                                               q, u32, (end, has_out, training, cc), pos, outf)
-            else:
-                ok, s1, s2, _ = _span_grad32(dyf, xf, of, has_out, b, seg, center[ca + k], s,
-                                             q, u32)
-        elif not grad:
-            if paired:
-                ok, s1, s2, pos = _span_moments32(xf, b, seg, center[ca + k], s, q, u32,
-                                                  (end, has_res, relu, cc), pos, outf, rf)
-            else:
-                ok, s1, s2, _ = _span_moments32(xf, b, seg, center[ca + k], s, q, u32)
+        if _is_float32(xf) and paired:
+            flags = (has_res, relu) if dyf is None else (has_out, training)
+            ok, s1, s2, pos = _span_sums32(dyf, xf, of, has_out, b, seg, center[ca + k], s, q,
+                                           u32, (end, flags[0], flags[1], cc), pos, outf, rf)
+        elif _is_float32(xf):
+            ok, s1, s2, _ = _span_sums32(dyf, xf, of, has_out, b, seg, center[ca + k], s, q,
+                                         u32)
         if not ok:
             s[:] = 0.0
             q[:] = 0.0
             cv[:] = center[ca + k]
-            if grad and paired:
+            if dyf is not None and paired:
                 pos = _grad_sums(dyf, xf, of, has_out, b, full, period, period, cv, s, q,
                                  (end, has_out, training, cc), pos, outf)
             else:
-                _lanes(grad, has_out, dyf, xf, of, b, full, period, period, cv, s, q)
-            _lanes(grad, has_out, dyf, xf, of, b + full * period, np.int64(1), period,
+                _lanes(has_out, dyf, xf, of, b, full, period, period, cv, s, q)
+            _lanes(has_out, dyf, xf, of, b + full * period, np.int64(1), period,
                    seg - full * period, cv, s, q)
             s1 = s.sum()
             s2 = q.sum()
         if paired:
-            _output_run(grad, dyf, xf, of, rf, outf, pos, be + eseg - pos, has_out, training,
+            _output_run(dyf, xf, of, rf, outf, pos, be + eseg - pos, has_out, training,
                         has_res, relu, cc, True, zero)
         part_s[(ca + k - c0) * bpc + j] = s1
         part_q[(ca + k - c0) * bpc + j] = s2
 
 
 @njit(**_PARALLEL)
-def _chw_overlap(dy, x, output, grad, has_out, center, c0, c1, part_s, part_q, consts,
+def _chw_overlap(dy, x, output, has_out, center, c0, c1, part_s, part_q, consts,
                  residual, has_res, relu, training, out, e0, e1):
     """Long rows, streamed output: the block sums of channels [c0, c1) and the output of
     channels [e0, e1) (the group before), unit u of one beside unit u of the other (see
@@ -1515,7 +1564,7 @@ def _chw_overlap(dy, x, output, grad, has_out, center, c0, c1, part_s, part_q, c
     ua = _units(c0, c1, outer, inner)[1]
     ue = _units(e0, e1, outer, inner)[1]
     units = max(ua, ue)
-    dyf = dy.reshape(dy.size)
+    dyf = _flat(dy)
     xf = x.reshape(x.size)
     of = output.reshape(output.size)
     rf = residual.reshape(residual.size)
@@ -1524,7 +1573,7 @@ def _chw_overlap(dy, x, output, grad, has_out, center, c0, c1, part_s, part_q, c
         lanes = np.empty((3, LANES))
         lanes32 = np.empty((2, LANES), np.float32)
         for u in range(np.int64(k) * UNIT_CHUNK, min(units, (np.int64(k) + 1) * UNIT_CHUNK)):
-            _unit_pair(dyf, xf, of, rf, outf, x.shape, grad, has_out, center, c0, c1, part_s,
+            _unit_pair(dyf, xf, of, rf, outf, x.shape, has_out, center, c0, c1, part_s,
                        part_q, consts, has_res, relu, training, e0, e1, u, u < ua, u < ue,
                        lanes[0], lanes[1], lanes[2], lanes32)
         _store_fence()
@@ -1533,7 +1582,7 @@ def _chw_overlap(dy, x, output, grad, has_out, center, c0, c1, part_s, part_q, c
 @njit(**_JIT)
 def _chw_stats(x, shift, c0, c1, part_s, part_q, mean, m2):
     """mean and M2 of channels [c0, c1): block partials merged with Chan's formula."""
-    _chw_partials(x, x, x, np.bool_(False), np.bool_(False), shift, c0, c1, part_s, part_q)
+    _chw_partials(None, x, x, np.bool_(False), shift, c0, c1, part_s, part_q)
     _chw_merged(x, shift, c0, c1, part_s, part_q, mean, m2)
 
 
@@ -1576,7 +1625,7 @@ def _chw_train(x, weight, bias, eps, residual, has_res, relu, out, stream, group
     while c0 < channels or e0 < e1:
         c1 = min(channels, c0 + group)
         if overlapped:
-            _chw_overlap(x, x, x, np.bool_(False), np.bool_(False), shift, c0, c1, part_s,
+            _chw_overlap(None, x, x, np.bool_(False), shift, c0, c1, part_s,
                          part_q, consts, residual, has_res, relu, np.bool_(True), out, e0, e1)
             _chw_merged(x, shift, c0, c1, part_s, part_q, mean, m2)
         else:
@@ -1608,10 +1657,10 @@ def _chw_backward(dy, x, mean, invstd, weight, output, has_out, training, out, s
     while c0 < channels or e0 < e1:
         c1 = min(channels, c0 + group)
         if overlapped:
-            _chw_overlap(dy, x, output, np.bool_(True), has_out, mean, c0, c1, part_s, part_q,
+            _chw_overlap(dy, x, output, has_out, mean, c0, c1, part_s, part_q,
                          consts, x, np.bool_(False), np.bool_(False), training, out, e0, e1)
         else:
-            _chw_partials(dy, x, output, np.bool_(True), has_out, mean, c0, c1, part_s,
+            _chw_partials(dy, x, output, has_out, mean, c0, c1, part_s,
                           part_q)
         for c in range(c0, c1):
             base = (c - c0) * bpc

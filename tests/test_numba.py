@@ -215,6 +215,53 @@ def test_compiled_kernels_are_cached_on_disk():
         assert type(getattr(numba_kernels, name)._cache).__name__ == "FunctionCache"
 
 
+_KIND_SCRIPT = """
+import sys
+import numpy as np
+from numba import njit
+from fastbn import _numba_kernels as nk
+
+gradient = sys.argv[1] == "gradient"
+x = np.linspace(1.0, 2.0, 4096, dtype=np.float32)
+dy = x.copy() if gradient else None
+cc = (np.float32(1), np.float32(0), np.float32(1), np.float32(0), np.float32(0))
+
+
+@njit
+def sums(dyf, xf, out):
+    s = np.zeros(nk.LANES)
+    q = np.zeros(nk.LANES)
+    t = np.zeros(nk.LANES)
+    u = np.zeros((2, nk.LANES), np.float32)
+    nk._lanes(False, dyf, xf, xf, 0, 4, nk.LANES, nk.LANES, np.full(nk.LANES, 1.5), s, q)
+    ok, s1, s2, _ = nk._span_sums32(dyf, xf, xf, False, 0, 4096, 1.5, s, t, u)
+    nk._output_run(dyf, xf, xf, xf, out, 0, 4096, False, False, False, False, cc, False,
+                   np.float32(0))
+    return s1 + s.sum() + out.sum()
+
+
+sums(dy, x, np.empty_like(x))
+for name in ("_grad_sums", "_span_grad32", "_dx_rows", "_lanes_moments", "_span_moments32",
+             "_norm_rows"):
+    print(name, len(getattr(nk, name).signatures))
+"""
+
+
+@pytest.mark.parametrize("kind", ["moments", "gradient"])
+def test_sums_compile_only_their_own_kind(tmp_path, kind):
+    # Training (dy None) must not compile the gradient sums, nor the backward the moments: the
+    # unit functions choose when typed. From an empty cache, so every callee is compiled.
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
+    result = subprocess.run([sys.executable, "-c", _KIND_SCRIPT, kind], timeout=600, env=env,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    compiled = {name: int(n) for name, n in (line.split() for line in result.stdout.split("\n")
+                                             if line)}
+    gradient = {"_grad_sums", "_span_grad32", "_dx_rows"}
+    for name, count in compiled.items():
+        assert (count > 0) == ((name in gradient) == (kind == "gradient")), compiled
+
+
 def _offset_empty(shape, dtype, offset):
     """A C-contiguous array whose data starts `offset` elements past a 64-byte boundary."""
     size = int(np.prod(shape))
