@@ -293,6 +293,59 @@ def test_channels_last_float32_moments_eight_rows(fast_backend, rng, shape):
     assert runs[0].m2.tobytes() == runs[1].m2.tobytes()
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered")  # the reference on inf
+@pytest.mark.filterwarnings("ignore:overflow encountered")
+@pytest.mark.parametrize("shape,column_block", [((70, 9, 7, 7), None), ((40, 6, 14, 14), None),
+                                                ((33, 6, 250), None), ((35, 200, 7, 7), 1 << 20)])
+def test_channels_first_float32_moments_by_columns(rng, shape, column_block):
+    """Cython channels-first float32 moments of short rows, summed by columns in blocks of rows
+    n (fastbn_cols_sums_f32): blocks of fewer rows at the end (summed in float64), channels
+    in several column tiles (column_block), NaN and inf confined to their channels, a constant
+    channel exact, a far outlier first, squares beyond float32 (1e20), a first image far from
+    the others (its center: cancellation, redone in float64); the same bits for 1 and 2
+    threads and in training; equal to the reference within float32's precision."""
+    from fastbn._kernels import _tuning
+    x = (rng.standard_normal(shape) * 2 + 1e3).astype(np.float32)
+    x[:, 1] = np.nan
+    x[5, 2, -1] = np.inf
+    x[:, 3] = 7.25
+    x[0, 4].flat[0] = 1e6
+    x[0, 5] += np.float32(300)
+    x[:, 0] *= np.float32(1e17)
+    changes = {} if column_block is None else {"COLUMN_BLOCK": column_block}
+    previous = _tuning(**changes)
+    try:
+        runs = []
+        for threads in (1, 2):
+            fastbn.set_num_threads(threads)
+            runs.append(fastbn.moments(x, axis=1, backend="cython"))
+        _, mean, invstd = fastbn.batch_norm(x, None, None, training=True, eps=1e-5,
+                                            return_stats=True, backend="cython")
+        _tuning(COLUMN_SPAN=0)  # the spans, in float64 for rows this short
+        spans = fastbn.moments(x, axis=1, backend="cython")
+    finally:
+        fastbn.set_num_threads(None)
+        _tuning(**previous)
+    want = fastbn.moments(x, axis=1, backend="numpy")
+    keep = np.ones(shape[1], bool)
+    keep[[1, 2]] = False
+    std = np.sqrt(want.m2[keep] / want.count)
+    for got in runs:
+        assert np.isnan(got.mean[1]) and np.isnan(got.m2[1])
+        assert not np.isfinite(got.mean[2])
+        assert got.mean[3] == 7.25 and got.m2[3] == 0.0
+        assert np.all(np.abs(got.mean[keep] - want.mean[keep]) <= 1e-7 * std)
+        np.testing.assert_allclose(got.m2[keep], want.m2[keep], rtol=1e-6)
+        np.testing.assert_allclose(got.m2[5], want.m2[5], rtol=1e-9)  # float32: 3.5e-8
+    # the columns are float32 sums: not the spans' float64 bits (so this test covers them)
+    assert not np.array_equal(runs[0].m2[keep], spans.m2[keep])
+    assert runs[0].mean.tobytes() == runs[1].mean.tobytes()
+    assert runs[0].m2.tobytes() == runs[1].m2.tobytes()
+    np.testing.assert_array_equal(mean, runs[0].mean)
+    np.testing.assert_array_equal(invstd[keep],
+                                  1 / np.sqrt(runs[0].m2[keep] / want.count + 1e-5))
+
+
 # short rows packed into one tile, channels-last rows wider than a tile.
 LARGE_CASES = [((3, 5, 300, 301), 1), ((64, 2048, 9), 1), ((1100, 1030), 1), ((20000, 67), 1),
                ((40, 5, 97, 67), -1)]
