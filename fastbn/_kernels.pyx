@@ -552,7 +552,7 @@ cdef extern from *:
        1.68. The gradient sums read this way (dy and x, eight rows side by side or row by
        row) were no faster than the spans from memory (14x14 backward 2.43 -> 2.65), so the
        backward keeps the spans (see _backward_into). */
-    #define FASTBN_COL_TILE 4096  /* columns at a time: a 16 KB run of each row */
+    #define FASTBN_COL_TILE 2048  /* columns at a time: an 8 KB run of each row, 40 KB of stack */
     /* Blocks with fewer values per channel are summed in float64: they cost little there, and
        small inputs keep float64 moments (M2 within 1e-15 of NumPy's instead of ~1e-8). */
     #define FASTBN_COL_FLOAT32_FROM 1024
