@@ -1215,10 +1215,10 @@ def _tuning(**changes):
     global ALIAS_GUARD, LANES_FROM, MEM_SUMS_BELOW, GRAD_LANES_STREAMED, MIN_BLOCK_ROWS
     global GRAD_MEM_BELOW, OVERLAP, COLUMN_SPAN, COLUMN_ROWS, COLUMN_BLOCK
     previous = dict(OVERLAP=OVERLAP, COLUMN_SPAN=COLUMN_SPAN, COLUMN_ROWS=COLUMN_ROWS,
-                    COLUMN_BLOCK=COLUMN_BLOCK, LANES_FROM=LANES_FROM, MEM_SUMS_BELOW=MEM_SUMS_BELOW,
-                    MIN_BLOCK_ROWS=MIN_BLOCK_ROWS, GRAD_MEM_BELOW=GRAD_MEM_BELOW,
-                    GRAD_LANES_STREAMED=GRAD_LANES_STREAMED, SEGMENT=SEGMENT,
-                    ROW_BLOCK_BYTES=ROW_BLOCK_BYTES,
+                    COLUMN_BLOCK=COLUMN_BLOCK, LANES_FROM=LANES_FROM,
+                    MEM_SUMS_BELOW=MEM_SUMS_BELOW, MIN_BLOCK_ROWS=MIN_BLOCK_ROWS,
+                    GRAD_MEM_BELOW=GRAD_MEM_BELOW, GRAD_LANES_STREAMED=GRAD_LANES_STREAMED,
+                    SEGMENT=SEGMENT, ROW_BLOCK_BYTES=ROW_BLOCK_BYTES,
                     MAX_ROW_BLOCKS=MAX_ROW_BLOCKS, GROUP_BYTES=GROUP_BYTES,
                     SERIAL_BELOW=SERIAL_BELOW, STREAM_ABOVE=STREAM_ABOVE,
                     ALIAS_GUARD=ALIAS_GUARD)
@@ -2037,7 +2037,6 @@ cdef void _backward(const floating* dy, const floating* x, const floating* outpu
         _elementwise(&E, dx, L, 0, L.channels)
         return
     E = _dx_args(dy, x if training else NULL, output, dx, a, hi, lo, b, c_)
-    cdef Layout Le = _elementwise_layout(L)
     cdef char* bufs = _tiles(&E, L)
     cdef Py_ssize_t e0 = 0, e1 = 0  # as in _train_forward
     cdef bint overlap = OVERLAP and L.inner >= LONG_SPAN
@@ -2052,7 +2051,7 @@ cdef void _backward(const floating* dy, const floating* x, const floating* outpu
         _backward_coefficients(sum_dy, sum_dy_xmu, mean, invstd, weight, count, training, c0, c1,
                                a, hi, lo, b, c_)
         if not overlap:
-            _cf_pass(x, dy, output, Le, 0, 0, NULL, NULL, NULL, &E, c0, c1, bufs)
+            _cf_pass(x, dy, output, L, 0, 0, NULL, NULL, NULL, &E, c0, c1, bufs)
         e0 = c0 if overlap else c1
         e1 = c1
         c0 = c1
