@@ -554,8 +554,9 @@ def _grad_sums(dyf, xf, of, has_out, start, rows, stride, width, meanv, s, q, si
 
 
 # The sums of a unit are backward sums when dyf is an array and moments when it is None (see
-# _flat). The three functions below choose when they are typed, so a caller compiles only its
-# own kind: training does not compile the gradient sums, nor the backward the moments.
+# _flat). _lanes and _span_sums32 below, and _output_run (the output beside them), choose when
+# they are typed, so a caller compiles only its own kind: training does not compile the
+# gradient sums, nor the backward the moments.
 
 def _lanes(has_out, dyf, xf, of, start, rows, stride, width, centerv, s, q):
     """_grad_sums about centerv, or (dyf None) _lanes_moments about centerv."""
