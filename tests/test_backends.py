@@ -158,12 +158,13 @@ def test_moments_match_reference(backend, rng):
 
 # Outputs above 4 MB take the streamed (non-temporal store) path: long rows split into tiles,
 @pytest.mark.parametrize("stream_above", [0, 1 << 40])
-@pytest.mark.parametrize("channels", [64, 97, 1030])
+@pytest.mark.parametrize("channels", [64, 97, 1024, 1030])
 def test_channels_last_float32_gradient_lanes(fast_backend, rng, channels, stream_above):
     """Wide channels-last float32 gradient sums eight rows at a time (Cython: float32 sums
-    from the cache below 1024 channels, float64 lanes from 1024 channels, streamed or not): rows
-    that are not a multiple of eight, a NaN channel kept to itself, a gradient that underflows
-    in float32; any thread count."""
+    from the cache below 1024 channels, float64 lanes from 1024 channels, streamed or not, rows
+    of 1024 channels copied to a buffer first from the cache): rows that are not a multiple of
+    eight, a NaN channel kept to itself, a gradient that underflows in float32; any thread
+    count."""
     x = (rng.standard_normal((101, channels)) * 3 + 100).astype(np.float32)
     dy = rng.standard_normal((101, channels)).astype(np.float32)
     x[:, 1] = np.nan
@@ -687,12 +688,13 @@ def test_streamed_stores_equal_cached_stores(rng, dtype, shape, axis):
             assert got.tobytes() == want.tobytes()
 
 
-@pytest.mark.parametrize("channels", [5, 40, 97, 576, 1030])
+@pytest.mark.parametrize("channels", [5, 40, 97, 576, 1024, 1030, 2048])
 def test_streamed_channels_last_gradient_sums_equal_cached(rng, channels):
     """Channels-last float32 gradient sums of fewer than 1024 channels go row by row from
     memory (streamed outputs) and eight rows per pass from the cache (from 1024 channels on,
-    float64 lanes both ways): the same sums bit for bit, masked or not, including the channels
-    whose float32 sums fall back to float64 (NaN, a gradient that underflows)."""
+    float64 lanes both ways; rows 2048 bytes apart through a buffer from the cache): the same
+    sums bit for bit, masked or not, including the channels whose float32 sums fall back to
+    float64 (NaN, a gradient that underflows)."""
     if "cython" not in fastbn.available_backends():
         pytest.skip("the cython backend is not built")
     from fastbn._kernels import _tuning
