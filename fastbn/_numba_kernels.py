@@ -316,17 +316,21 @@ def _rows_grad32(dyf, xf, of, has_out, start, rows, width, mean, s, q):
         r1 = min(rows, r + FLUSH)
         s32[:] = 0.0
         q32[:] = 0.0
-        for j in range(r, r1):
-            b = start + j * width
-            gs = dyf[b:b + width]
-            xs = xf[b:b + width]
-            os = of[b:b + width]
-            if has_out:  # masked: its own loop, so that both vectorize
+        if has_out:  # masked: loops of its own, so that both vectorize
+            for j in range(r, r1):
+                b = start + j * width
+                gs = dyf[b:b + width]
+                xs = xf[b:b + width]
+                os = of[b:b + width]
                 for c in range(width):
                     g = np.float32(gs[c]) if os[c] > 0 else np.float32(0.0)
                     s32[c] += g
                     q32[c] += g * np.float32(xs[c] - m[c])
-            else:
+        else:  # (no slice of `of` here: 8x56x56x64 gradient sums 1.64 -> 1.23 x copy)
+            for j in range(r, r1):
+                b = start + j * width
+                gs = dyf[b:b + width]
+                xs = xf[b:b + width]
                 for c in range(width):  # float32 casts: no-ops (typed, not run, for float64)
                     g = np.float32(gs[c])
                     s32[c] += g
@@ -631,11 +635,12 @@ def _dx_rows(dyf, xf, of, dxf, start, rows, stride, width, has_out, training, co
         k = start + r * stride
         dys = dyf[k:k + width]
         xs = xf[k:k + width]
-        os = of[k:k + width]
         dxs = dxf[k:k + width]
         # Four loops: with the flags tested per element, per-element constants did not vectorize.
+        # `of` is sliced only when read (as in _rows_grad32).
         if training:
             if has_out:
+                os = of[k:k + width]
                 for i in range(width):
                     g = dys[i] if os[i] > 0 else zero
                     dxs[i] = (g * _at(consts, 0, i)
@@ -648,6 +653,7 @@ def _dx_rows(dyf, xf, of, dxf, start, rows, stride, width, has_out, training, co
                               * _at(consts, 1, i) + _at(consts, 2, i))
         else:
             if has_out:
+                os = of[k:k + width]
                 for i in range(width):
                     g = dys[i] if os[i] > 0 else zero
                     dxs[i] = g * _at(consts, 0, i)
