@@ -1515,13 +1515,14 @@ cdef inline void _cl_block_grad(const float* dy, const float* x, Py_ssize_t rows
     time, to a buffer in which they are PACK values apart; the same operations in the same
     order, so the same bits. Interleaved, backward x copy, 2 threads: 256x1024 4.8-7.3 -> 4.3-
     5.6, 128x2048 6.5-7.0 -> 5.8-6.4, 512x1024 6.6-8.8 -> 5.3-7.5 (one thread, 256x1024: 10.7-11.7
-    -> 8.5-9.3). From memory (streamed outputs) the copy made it slower: 3136x2048 3.9-4.8 ->
-    3.9-4.9, 12544x1024 4.5-4.8 -> 5.0-5.4."""
+    -> 8.5-9.3). From memory (streamed outputs) the copy made it slower: 3136x2048 4.9-5.3 ->
+    5.3-5.6, 12544x1024 4.5-4.8 -> 5.0-5.4."""
     cdef Py_ssize_t r = 0, c, c0, j
     cdef const float* x0
     cdef const float* g
     cdef float packed[16 * PACK]
-    cdef bint pack = PACK_GRAD and cached and (C * sizeof(float)) % 2048 == 0  # C % PACK == 0
+    # (C a multiple of 512, so of PACK)
+    cdef bint pack = PACK_GRAD and cached and (C * sizeof(float)) % 2048 == 0
     while r + 8 <= rows:
         x0 = x + r * C
         g = dy + r * C
