@@ -1339,6 +1339,17 @@ def _affine_constants(mean, m2, count, weight, bias, eps, var, consts, c0, c1):
 
 
 @njit(**_JIT)
+def _norm_constants(mean, scale, shift, consts):
+    """The compute-dtype constants (hi, lo, scale, shift) of a normalization (in one call: four
+    NumPy statements took 5 us of a 30 us call on a small input)."""
+    for c in range(mean.shape[0]):
+        consts[0, c] = mean[c]
+        consts[1, c] = mean[c] - consts[0, c]
+        consts[2, c] = scale[c]
+        consts[3, c] = shift[c]
+
+
+@njit(**_JIT)
 def _grad_constants(c0, c1, n, mean, invstd, weight, sum_dy, sum_dy_xmu, consts):
     """The compute-dtype constants (a, b, c, hi, lo) of dx for channels [c0, c1)."""
     for c in range(c0, c1):
@@ -1888,11 +1899,8 @@ def normalize(x, mean, scale, shift, residual, relu, out, num_threads=1):
         return
     if _forked_gnu_omp:
         return _reference().normalize(x, mean, scale, shift, residual, relu, out)
-    consts = np.empty((4, x.shape[1]), x.dtype)  # hi, lo, scale, shift
-    consts[0] = mean
-    consts[1] = mean - consts[0]
-    consts[2] = scale
-    consts[3] = shift
+    consts = np.empty((4, x.shape[1]), x.dtype)
+    _norm_constants(mean, scale, shift, consts)
     args = (x, consts, x if residual is None else residual, residual is not None, bool(relu), out)
     if x.shape[2] == 1:
         _run(num_threads, _hwc_normalize, None, *args, _streamed(out))
