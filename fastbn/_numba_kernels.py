@@ -297,9 +297,12 @@ def _rows_grad32(dyf, xf, of, has_out, start, rows, width, mean, s, q):
     `start`, added to the float64 s[c] = sum(g), q[c] = sum(g * (x - mean[c])), g = dy, or dy
     where the forward output `of` > 0 when `has_out` (in the loop: 32x56x56x256 masked backward
     27.6 -> 24.7 ms against the scratch copy of _grad_sums; Cython 22.9 ms): row by row
-    into float32 lanes about the float32 mean, flushed into float64 every FLUSH rows (one
-    slice per row and array, so LLVM vectorizes eight floats wide), then corrected by
-    (m - mean) * sum(g). A channel whose sums are not finite or tiny
+    into float32 lanes about the float32 mean, flushed into float64 every FLUSH rows, then
+    corrected by (m - mean) * sum(g). The flat arrays are read at unsigned indices: a signed
+    index b + c is tested for wraparound and the loop did not vectorize (3.6x slower), so the
+    rows used to be slices, but each slice updates the array's reference count, a line both
+    threads write: 8x56x56x64 gradient sums 1.64 (slices, `of` sliced unread) -> 1.13 (read
+    slices only) -> 0.98-1.04 x copy (no slices), masked 1.39-1.74 -> 1.30-1.35. A channel whose sums are not finite or tiny
     (overflow, possible underflow) is summed again in float64. Channels-last backward on the
     Zen 3 (float64 lanes of _lanes_grad -> these; Cython in the same run): 32x56x56x256
     17.2 -> 12.9 ms (12.1), 32x112x112x64 13.4 -> 12.7 ms (12.4), 8x56x56x64 0.57 -> 0.53 ms
@@ -318,23 +321,20 @@ def _rows_grad32(dyf, xf, of, has_out, start, rows, width, mean, s, q):
         q32[:] = 0.0
         if has_out:  # masked: loops of its own, so that both vectorize
             for j in range(r, r1):
-                b = start + j * width
-                gs = dyf[b:b + width]
-                xs = xf[b:b + width]
-                os = of[b:b + width]
+                b = np.uint64(start + j * width)
                 for c in range(width):
-                    g = np.float32(gs[c]) if os[c] > 0 else np.float32(0.0)
+                    i = b + np.uint64(c)
+                    g = np.float32(dyf[i]) if of[i] > 0 else np.float32(0.0)
                     s32[c] += g
-                    q32[c] += g * np.float32(xs[c] - m[c])
-        else:  # (no slice of `of` here: 8x56x56x64 gradient sums 1.64 -> 1.13 x copy)
+                    q32[c] += g * np.float32(xf[i] - m[c])
+        else:
             for j in range(r, r1):
-                b = start + j * width
-                gs = dyf[b:b + width]
-                xs = xf[b:b + width]
+                b = np.uint64(start + j * width)
                 for c in range(width):  # float32 casts: no-ops (typed, not run, for float64)
-                    g = np.float32(gs[c])
+                    i = b + np.uint64(c)
+                    g = np.float32(dyf[i])
                     s32[c] += g
-                    q32[c] += g * np.float32(xs[c] - m[c])
+                    q32[c] += g * np.float32(xf[i] - m[c])
         for c in range(width):
             t1[c] += np.float64(s32[c])
             t2[c] += np.float64(q32[c])
@@ -637,7 +637,7 @@ def _dx_rows(dyf, xf, of, dxf, start, rows, stride, width, has_out, training, co
         xs = xf[k:k + width]
         dxs = dxf[k:k + width]
         # Four loops: with the flags tested per element, per-element constants did not vectorize.
-        # `of` is sliced only when read (as in _rows_grad32).
+        # `of` is sliced only when read (a slice costs a reference count update).
         if training:
             if has_out:
                 os = of[k:k + width]
