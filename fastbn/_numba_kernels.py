@@ -302,11 +302,11 @@ def _rows_grad32(dyf, xf, of, has_out, start, rows, width, mean, s, q):
     index b + c is tested for wraparound and the loop did not vectorize (3.6x slower), so the
     rows used to be slices, but each slice updates the array's reference count, a line both
     threads write: 8x56x56x64 gradient sums 1.64 (slices, `of` sliced unread) -> 1.13 (read
-    slices only) -> 0.98-1.04 x copy (no slices), masked 1.39-1.74 -> 1.30-1.35. A channel whose sums are not finite or tiny
-    (overflow, possible underflow) is summed again in float64. Channels-last backward on the
-    Zen 3 (float64 lanes of _lanes_grad -> these; Cython in the same run): 32x56x56x256
-    17.2 -> 12.9 ms (12.1), 32x112x112x64 13.4 -> 12.7 ms (12.4), 8x56x56x64 0.57 -> 0.53 ms
-    (0.35)."""
+    slices only) -> 0.98-1.04 x copy (no slices), masked 1.39-1.74 -> 1.30-1.35. A channel
+    whose sums are not finite or tiny (overflow, possible underflow) is summed again in float64.
+    Channels-last backward on the Zen 3 (float64 lanes of _lanes_grad -> these; Cython in the
+    same run): 32x56x56x256 17.2 -> 12.9 ms (12.1), 32x112x112x64 13.4 -> 12.7 ms (12.4),
+    8x56x56x64 0.57 -> 0.53 ms (0.35)."""
     m = np.empty(width, np.float32)
     s32 = np.empty(width, np.float32)
     q32 = np.empty(width, np.float32)
