@@ -570,6 +570,24 @@ def test_c_fast_path_backward_declines(rng, case):
                                              output, activation, out, 2) is None
 
 
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("axis", [1, -1])
+def test_zero_variance_with_zero_eps(backend, training, axis):
+    """A constant channel with eps=0 gives NaN in training (0 * inf) and a zero running
+    variance gives inf in evaluation, as in NumPy and PyTorch, on every backend and both
+    paths (the Numba backend raised ZeroDivisionError: Python's error model)."""
+    x = np.ones((4, 3, 5) if axis == 1 else (4, 5, 3), np.float32)
+    results = []
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for return_stats in (False, True):
+            y = fastbn.batch_norm(x, np.zeros(3), np.zeros(3), training=training, eps=0.0,
+                                  axis=axis, return_stats=return_stats, backend=backend)
+            results.append(y[0] if return_stats else y)
+    want = np.nan if training else np.inf
+    for y in results:
+        np.testing.assert_array_equal(y, np.full(x.shape, want, np.float32))
+
+
 @pytest.mark.parametrize("momentum", [0.1, 0.3, 0.7])
 def test_c_fast_path_running_stats_bitwise(rng, momentum):
     """Fused multiply-adds in the C update would differ from NumPy's in the last bit."""
