@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Literal
+from typing import Callable, Literal
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -183,12 +183,20 @@ def _update_running_stats(running_mean: np.ndarray, running_var: np.ndarray, mea
 _FAST_PATHS: dict = {}
 
 
-def _fast_path(name: str = "fast_batch_norm"):
-    """The Cython backend's C-level function `name` for common calls (it returns None for the
-    others), when the Cython backend is the default; else None."""
-    if name not in _FAST_PATHS:
-        _FAST_PATHS[name] = getattr(get_backend(None), name, None)
-    return _FAST_PATHS[name]
+def _fast_path(name: str, backend) -> Callable | None:
+    """The backend's function `name` for common calls (it returns None for the others: the
+    Cython backend's in C, the Numba backend's in Python), or None when it has none or
+    `backend` is not a backend's name (the general path says why)."""
+    key = (name, backend)
+    if key not in _FAST_PATHS:
+        if backend is not None and type(backend) is not str:
+            return None
+        try:
+            module = get_backend(backend)
+        except ValueError:
+            return None
+        _FAST_PATHS[key] = getattr(module, name, None)
+    return _FAST_PATHS[key]
 
 
 # ----------------------------------------------------------------------------- public functions
@@ -260,8 +268,8 @@ def batch_norm(input: ArrayLike, running_mean: NDArray | None, running_var: NDAr
     >>> rm
     array([0.35, 0.55, 0.75])
     """
-    if residual is None and not return_stats and (backend is None or backend == "cython"):
-        fast = _fast_path()
+    if residual is None and not return_stats:
+        fast = _fast_path("fast_batch_norm", backend)
         if fast is not None:
             y = fast(input, running_mean, running_var, weight, bias, training, momentum, eps,
                      axis, out, activation, get_num_threads())
@@ -389,13 +397,12 @@ def batch_norm_backward(grad_output: ArrayLike, input: ArrayLike, mean: ArrayLik
     >>> bool(np.abs(dx).max() < 1e-12), db
     (True, array([20., 20., 20.]))
     """
-    if backend is None or backend == "cython":
-        fast = _fast_path("fast_batch_norm_backward")
-        if fast is not None:
-            result = fast(grad_output, input, mean, invstd, weight, axis, training, output,
-                          activation, out, get_num_threads())
-            if result is not None:
-                return result
+    fast = _fast_path("fast_batch_norm_backward", backend)
+    if fast is not None:
+        result = fast(grad_output, input, mean, invstd, weight, axis, training, output,
+                      activation, out, get_num_threads())
+        if result is not None:
+            return result
     module = get_backend(backend)
     x, result_dtype, compute_dtype, axis, dims = _prepare_input(input, axis)
     channels = dims[1]

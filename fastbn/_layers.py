@@ -1,6 +1,6 @@
 """The BatchNorm layer: PyTorch's ``nn.BatchNorm1d/2d/3d`` for NumPy arrays, on the fast kernels.
 
-Built on the functional API (the code paths of :func:`fastbn.batch_norm`, its C fast path
+Built on the functional API (the code paths of :func:`fastbn.batch_norm`, its fast path
 included, and :func:`fastbn.batch_norm_backward`), plus what layers need on top: a manual
 backward with accumulated parameter gradients, a frozen mode, ghost batch norm, exact
 population statistics (precise BN), and PyTorch / Keras weight interchange.
@@ -293,15 +293,13 @@ class BatchNorm:
         return y
 
     def _fast_forward(self, input, batch_stats: bool) -> np.ndarray | None:
-        """The forward through the backend's C fast path (what :func:`fastbn.batch_norm` does
+        """The forward through the backend's fast path (what :func:`fastbn.batch_norm` does
         for the same call), or None when the call needs the general path (which then gives
         the same result, or the error): another backend, input that is not a C-contiguous
         float32/float64 array, anything the general path must check and reject. With batch
         statistics the fast path also updates the running statistics and hands back the batch
         mean and variance for the backward cache."""
-        if self.backend is not None and self.backend != "cython":
-            return None
-        fast = _fast_path()
+        fast = _fast_path("fast_batch_norm", self.backend)
         if fast is None:
             return None
         update = batch_stats and self.training and not self.frozen and self.track_running_stats

@@ -377,11 +377,21 @@ def test_large_outputs_match_reference(fast_backend, shape, axis):
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("relu", [False, True])
 @pytest.mark.parametrize("out", ["none", "given", "inplace"])
-def test_c_fast_path_equals_general_path(rng, dtype, stat_dtype, axis, training, relu, out):
-    """The Cython backend's C-level argument handling (common calls) against the general path
-    (return_stats=True always takes it): bitwise the same output and running statistics."""
-    if "cython" not in fastbn.available_backends():
-        pytest.skip("the cython backend is not built")
+def test_fast_path_equals_general_path(monkeypatch, fast_backend, rng, dtype, stat_dtype, axis,
+                                       training, relu, out):
+    """A fast backend's own argument handling for common calls (the Cython backend's in C, the
+    Numba backend's in Python) against the general path (return_stats=True always takes it):
+    the fast path is taken, and gives bitwise the same output and running statistics."""
+    from fastbn import _api
+    fast = fastbn._backends.get_backend(fast_backend).fast_batch_norm
+    taken = []
+
+    def spy(*args):
+        result = fast(*args)
+        taken.append(result is not None)
+        return result
+
+    monkeypatch.setitem(_api._FAST_PATHS, ("fast_batch_norm", fast_backend), spy)
     shape = (5, 6, 7, 3)
     x = make(rng, shape, dtype, offset=2.0)
     weight = rng.standard_normal(shape[axis]).astype(stat_dtype)
@@ -394,11 +404,12 @@ def test_c_fast_path_equals_general_path(rng, dtype, stat_dtype, axis, training,
         target = {"none": None, "given": np.empty_like(data), "inplace": data}[out]
         y = fastbn.batch_norm(data, rm, rv, weight, bias, training, 0.25, 1e-3, axis=axis,
                               out=target, activation="relu" if relu else None,
-                              return_stats=general, backend="cython")
+                              return_stats=general, backend=fast_backend)
         y = y[0] if general else y
         if target is not None:
             assert y is target
         results.append((y, rm, rv))
+    assert taken == [True]
     for a, b in zip(*results):
         assert a.dtype == b.dtype and a.tobytes() == b.tobytes()
 
@@ -410,14 +421,14 @@ def test_c_fast_path_equals_general_path(rng, dtype, stat_dtype, axis, training,
 @pytest.mark.parametrize("relu", [False, True])
 @pytest.mark.parametrize("out", ["none", "given", "grad_output", "input", "output"])
 @pytest.mark.parametrize("with_weight", [True, False])
-def test_c_fast_path_backward_equals_general_path(monkeypatch, rng, dtype, stat_dtype, axis,
-                                                  training, relu, out, with_weight):
-    """batch_norm_backward's C-level argument handling against the general path: the fast
-    path is taken for these common calls, and gives the same bits, into `out` when given
-    (which may be grad_output, the input or the forward's output)."""
-    if "cython" not in fastbn.available_backends():
-        pytest.skip("the cython backend is not built")
-    from fastbn import _api, _kernels
+def test_fast_path_backward_equals_general_path(monkeypatch, fast_backend, rng, dtype,
+                                                stat_dtype, axis, training, relu, out,
+                                                with_weight):
+    """batch_norm_backward's fast argument handling against the general path: the fast path
+    is taken for these common calls, and gives the same bits, into `out` when given (which
+    may be grad_output, the input or the forward's output)."""
+    from fastbn import _api
+    fast_backward = fastbn._backends.get_backend(fast_backend).fast_batch_norm_backward
     shape = (5, 6, 7, 3)
     channels = shape[axis]
     x = make(rng, shape, dtype, offset=2.0)
@@ -429,19 +440,19 @@ def test_c_fast_path_backward_equals_general_path(monkeypatch, rng, dtype, stat_
     taken = []
 
     def spy(*args):
-        result = _kernels.fast_batch_norm_backward(*args)
+        result = fast_backward(*args)
         taken.append(result is not None)
         return result
 
     results = []
     for fast in (spy, None):
-        monkeypatch.setitem(_api._FAST_PATHS, "fast_batch_norm_backward", fast)
+        monkeypatch.setitem(_api._FAST_PATHS, ("fast_batch_norm_backward", fast_backend), fast)
         arrays = {"grad_output": dy.copy(), "input": x.copy(), "output": y.copy()}
         target = {"none": None, "given": np.empty_like(x)}.get(out, arrays.get(out))
         grads = fastbn.batch_norm_backward(
             arrays["grad_output"], arrays["input"], mean, invstd, weight, axis=axis,
             training=training, output=arrays["output"], activation="relu" if relu else None,
-            out=target, backend="cython")
+            out=target, backend=fast_backend)
         if target is not None:
             assert grads[0] is target
         results.append(grads)
@@ -452,12 +463,11 @@ def test_c_fast_path_backward_equals_general_path(monkeypatch, rng, dtype, stat_
 
 @pytest.mark.parametrize("shape,axis", [((8, 64, 56, 56), 1), ((8, 56, 56, 64), -1),
                                         ((3, 200000), 0)])
-def test_c_fast_path_backward_large(monkeypatch, rng, shape, axis):
+def test_fast_path_backward_large(monkeypatch, fast_backend, rng, shape, axis):
     """The fast path on tensors split over threads and channel groups (and axis 0): the
     general path's bits, written over grad_output, with and without the ReLU mask."""
-    if "cython" not in fastbn.available_backends():
-        pytest.skip("the cython backend is not built")
-    from fastbn import _api, _kernels
+    from fastbn import _api
+    fast_backward = fastbn._backends.get_backend(fast_backend).fast_batch_norm_backward
     x = (rng.standard_normal(shape) + 1).astype(np.float32)
     y, mean, invstd = fastbn.batch_norm(x, None, None, training=True, axis=axis,
                                         activation="relu", return_stats=True)
@@ -466,12 +476,13 @@ def test_c_fast_path_backward_large(monkeypatch, rng, shape, axis):
         results = []
         for fast in (True, False):
             with monkeypatch.context() as patch:
-                path = _kernels.fast_batch_norm_backward if fast else None
-                patch.setitem(_api._FAST_PATHS, "fast_batch_norm_backward", path)
+                path = fast_backward if fast else None
+                patch.setitem(_api._FAST_PATHS, ("fast_batch_norm_backward", fast_backend),
+                              path)
                 grad = dy.copy()
                 results.append(fastbn.batch_norm_backward(
                     grad, x, mean, invstd, axis=axis, output=y,
-                    activation="relu" if relu else None, out=grad))
+                    activation="relu" if relu else None, out=grad, backend=fast_backend))
             assert results[-1][0] is grad
         for got, want in zip(*results):
             assert got.tobytes() == want.tobytes()
@@ -522,12 +533,10 @@ class _Subclass(np.ndarray):
                                   "bad_weight", "readonly_out", "activation_object", "axis",
                                   "numpy_bool", "empty", "byteswapped", "subclass",
                                   "overlaps_input", "mean_none"])
-def test_c_fast_path_backward_declines(rng, case):
-    """Calls the C fast path does not handle return None (the general path takes them, and
+def test_fast_path_backward_declines(fast_backend, rng, case):
+    """Calls the fast path does not handle return None (the general path takes them, and
     raises for the invalid ones)."""
-    if "cython" not in fastbn.available_backends():
-        pytest.skip("the cython backend is not built")
-    from fastbn import _kernels
+    fast_backward = fastbn._backends.get_backend(fast_backend).fast_batch_norm_backward
     x = rng.standard_normal((4, 3, 5))
     dy, out = rng.standard_normal(x.shape), np.empty_like(x)
     mean, invstd, weight, activation, output = np.zeros(3), np.ones(3), None, None, None
@@ -566,8 +575,68 @@ def test_c_fast_path_backward_declines(rng, case):
         x, out = buffer[:-1].reshape(x.shape), buffer[1:].reshape(x.shape)
     elif case == "mean_none":
         mean = None
-    assert _kernels.fast_batch_norm_backward(dy, x, mean, invstd, weight, axis, training,
-                                             output, activation, out, 2) is None
+    assert fast_backward(dy, x, mean, invstd, weight, axis, training, output, activation, out,
+                         2) is None
+
+
+@pytest.mark.parametrize("case", ["strided", "float16", "byteswapped", "subclass", "list_weight",
+                                  "float32_stats_out", "numpy_float_eps", "negative_eps",
+                                  "momentum_above_one", "one_value", "overlap", "readonly_stat",
+                                  "one_stat", "no_stats_eval", "bad_weight", "axis", "empty",
+                                  "activation_object", "bad_stats_buffer"])
+def test_fast_path_declines(fast_backend, rng, case):
+    """Forward calls the fast path does not handle return None before they change anything
+    (the general path takes them, and raises for the invalid ones)."""
+    fast = fastbn._backends.get_backend(fast_backend).fast_batch_norm
+    x = rng.standard_normal((4, 3, 5))
+    rm, rv, weight, out, stats = np.zeros(3), np.ones(3), None, np.empty_like(x), None
+    training, momentum, eps, axis, activation = True, 0.1, 1e-5, 1, None
+    if case == "strided":
+        x = np.asfortranarray(x)
+    elif case == "float16":
+        x, out = x.astype(np.float16), None
+    elif case == "byteswapped":
+        x, out = x.astype(x.dtype.newbyteorder()), None
+    elif case == "subclass":
+        x = x.view(_Subclass)
+    elif case == "list_weight":
+        weight = [1.0, 2.0, 3.0]
+    elif case == "float32_stats_out":  # out of another dtype than the input
+        out = np.empty(x.shape, np.float32)
+    elif case == "numpy_float_eps":
+        eps = np.float64(1e-5)
+    elif case == "negative_eps":
+        eps = -1.0
+    elif case == "momentum_above_one":
+        momentum = 1.5
+    elif case == "one_value":
+        x, out = x[:1, :, :1], None
+    elif case == "overlap":  # out one element past the input
+        buffer = rng.standard_normal(x.size + 1)
+        x, out = buffer[:-1].reshape(x.shape), buffer[1:].reshape(x.shape)
+    elif case == "readonly_stat":
+        rv.flags.writeable = False
+    elif case == "one_stat":
+        rv = None
+    elif case == "no_stats_eval":
+        rm, rv, training = None, None, False
+    elif case == "bad_weight":
+        weight = np.ones(4)
+    elif case == "axis":
+        axis = 3
+    elif case == "empty":
+        x, out = x[:0], out[:0]
+    elif case == "activation_object":  # equal to "relu" without being a str
+        activation = type("R", (), {"__eq__": lambda s, o: o == "relu",
+                                    "__ne__": lambda s, o: o != "relu",
+                                    "__hash__": object.__hash__})()
+    elif case == "bad_stats_buffer":
+        stats = np.empty((2, 4))
+    before = [None if a is None else a.copy() for a in (x, rm, rv, out)]
+    assert fast(x, rm, rv, weight, None, training, momentum, eps, axis, out, activation, 2,
+                stats) is None
+    for a, b in zip((x, rm, rv, out), before):
+        assert (a is None and b is None) or a.tobytes() == b.tobytes()
 
 
 @pytest.mark.parametrize("training", [True, False])
@@ -589,17 +658,16 @@ def test_zero_variance_with_zero_eps(backend, training, axis):
 
 
 @pytest.mark.parametrize("momentum", [0.1, 0.3, 0.7])
-def test_c_fast_path_running_stats_bitwise(rng, momentum):
-    """Fused multiply-adds in the C update would differ from NumPy's in the last bit."""
-    if "cython" not in fastbn.available_backends():
-        pytest.skip("the cython backend is not built")
+def test_fast_path_running_stats_bitwise(fast_backend, rng, momentum):
+    """Fused multiply-adds in the fast path's update would differ from NumPy's in the last
+    bit."""
     for trial in range(20):
         x = rng.standard_normal((6, 5, 7)) * rng.uniform(0.1, 10) + rng.uniform(-5, 5)
         stats = []
         for general in (False, True):
             rm, rv = np.full(5, 0.3), np.full(5, 1.7)
             fastbn.batch_norm(x, rm, rv, training=True, momentum=momentum,
-                              return_stats=general, backend="cython")
+                              return_stats=general, backend=fast_backend)
             stats.append((rm, rv))
         assert stats[0][0].tobytes() == stats[1][0].tobytes()
         assert stats[0][1].tobytes() == stats[1][1].tobytes()
