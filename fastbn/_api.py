@@ -187,10 +187,10 @@ def _fast_path(name: str, backend) -> Callable | None:
     """The backend's function `name` for common calls (it returns None for the others: the
     Cython backend's in C, the Numba backend's in Python), or None when it has none or
     `backend` is not a backend's name (the general path says why)."""
+    if backend is not None and type(backend) is not str:  # unhashable, say, as a key below
+        return None
     key = (name, backend)
     if key not in _FAST_PATHS:
-        if backend is not None and type(backend) is not str:
-            return None
         try:
             module = get_backend(backend)
         except ValueError:

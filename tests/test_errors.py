@@ -149,3 +149,14 @@ def test_huge_axis_is_a_value_error(backend):
     with pytest.raises(ValueError, match="axis"):
         fastbn.batch_norm(np.ones((4, 3), np.float32), None, None, training=True, axis=2**40,
                           backend=backend)
+
+
+@pytest.mark.parametrize("backend", [["numba"], 3])
+def test_backend_of_another_type_is_named(backend):
+    """A backend that is not a str reaches get_backend's message, on the fast paths' lookup
+    too (an unhashable one once gave 'unhashable type')."""
+    x = np.ones((4, 3))
+    with pytest.raises(TypeError, match="backend must be"):
+        fastbn.batch_norm(x, None, None, training=True, backend=backend)
+    with pytest.raises(TypeError, match="backend must be"):
+        fastbn.batch_norm_backward(x, x, np.zeros(3), np.ones(3), backend=backend)
