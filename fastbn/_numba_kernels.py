@@ -1863,15 +1863,23 @@ if hasattr(os, "register_at_fork"):
 
 def _active_layer() -> str:
     """Start Numba's threading layer (under its own process lock) and return its name."""
-    global _layer
+    global _layer, _get_threads, _set_threads
     if _layer is None:
         try:
-            from numba.np.ufunc.parallel import _launch_threads
-            _launch_threads()
+            from numba.np.ufunc import parallel
+            parallel._launch_threads()
+            # The layer's own thread-count functions: numba.get_num_threads and
+            # set_num_threads take a process lock and a thread lock on every call (1.1-1.8 us
+            # each, a tenth of a small call); these are what they call then.
+            _get_threads, _set_threads = parallel._get_num_threads, parallel._set_num_threads
             _layer = numba.threading_layer()
         except Exception:  # pragma: no cover - private API moved: assume the worst
             _layer = "workqueue"
     return _layer
+
+
+_get_threads = numba.get_num_threads
+_set_threads = numba.set_num_threads
 
 
 def _run(num_threads, kernel, fallback, *args):
@@ -1881,21 +1889,22 @@ def _run(num_threads, kernel, fallback, *args):
         # GNU OpenMP terminates a forked child that starts a parallel region.
         return fallback(*args)
     n = max(1, min(int(num_threads), numba.config.NUMBA_NUM_THREADS))
-    previous = numba.get_num_threads()
-    if previous == n and layer != "workqueue":
-        return kernel(*args)  # each set_num_threads takes a lock: 1.8 us of a 20-50 us call
-    if layer == "workqueue":
+    if layer == "workqueue":  # one pool for all Python threads: one call at a time
         with _threads_lock:
+            previous = numba.get_num_threads()
             numba.set_num_threads(n)
             try:
                 return kernel(*args)
             finally:
                 numba.set_num_threads(previous)
-    numba.set_num_threads(n)  # thread-local in Numba
+    previous = _get_threads()  # thread-local in the omp and tbb layers
+    if previous == n:
+        return kernel(*args)
+    _set_threads(n)
     try:
         return kernel(*args)
     finally:
-        numba.set_num_threads(previous)
+        _set_threads(previous)
 
 
 def _streamed(out) -> bool:
