@@ -559,14 +559,15 @@ cdef extern from *:
     static void fastbn_cols_wide_f32(const float *x, Py_ssize_t rows, Py_ssize_t stride,
                                      Py_ssize_t inner, double shift, double *sum1,
                                      double *sum2) {
-        double d, t1 = 0.0, t2 = 0.0;
-        Py_ssize_t r, i;
-        for (r = 0; r < rows; r++)
-            for (i = 0; i < inner; i++) {
-                d = (double)x[r * stride + i] - shift;
-                t1 += d;
-                t2 += d * d;
-            }
+        /* Row by row in the float64 span kernel's lanes: one scalar chain here made a
+           1x16x8x8 training call 3.7 -> 9 us. */
+        double t1 = 0.0, t2 = 0.0, a, b;
+        Py_ssize_t r;
+        for (r = 0; r < rows; r++) {
+            fastbn_span_sums_wide_f32(x + r * stride, inner, shift, &a, &b);
+            t1 += a;
+            t2 += b;
+        }
         *sum1 = t1;
         *sum2 = t2;
     }
@@ -1551,40 +1552,52 @@ cdef void _cl_partials(const floating* x, const floating* dy, const floating* ou
     """Channels-last partial sums: part[blk, c] for each block of rows (zeroed by the caller).
 
     Without dy: shifted moments of x about `center`; with dy: the gradient sums."""
-    cdef Py_ssize_t C = L.channels
-    cdef Py_ssize_t blk, rows, offset
+    cdef Py_ssize_t blk
+    if L.threads == 1:  # no parallel region: its end costs a futex call even on one thread
+        for blk in range(L.sum_blocks):
+            _cl_partials_block(x, dy, output, L, center, part1, part2, blk)
+        return
     for blk in prange(L.sum_blocks, schedule="static", num_threads=L.threads):
-        rows = min(L.outer, (blk + 1) * L.sum_rows) - blk * L.sum_rows
-        offset = blk * L.sum_rows * C
-        if floating is float and dy == NULL and LANES_FROM <= C < MEM_SUMS_BELOW:
-            fastbn_rows_sums_mem_f32(x + offset, rows, C, center, part1 + blk * C,
-                                     part2 + blk * C)
-        elif floating is float and dy == NULL and C >= LANES_FROM:
-            _cl_block_moments(x + offset, rows, C, center, part1 + blk * C, part2 + blk * C)
-        elif floating is float and dy != NULL and not L.stream and C < GRAD_MEM_BELOW:
-            fastbn_rows_grad_mem_f32(dy + offset, x + offset,
-                                     NULL if output == NULL else output + offset, rows, C,
-                                     center, part1 + blk * C, part2 + blk * C)
-        elif (floating is float and dy != NULL and output == NULL and C >= LANES_FROM
-              and (not L.stream or C >= GRAD_LANES_STREAMED)):
-            _cl_block_grad(dy + offset, x + offset, rows, C, center, part1 + blk * C,
-                           part2 + blk * C, not L.stream)
-        elif floating is float and dy != NULL and L.stream:
-            fastbn_rows_grad_stream_f32(dy + offset, x + offset,
-                                        NULL if output == NULL else output + offset, rows, C,
-                                        center, part1 + blk * C, part2 + blk * C)
-        elif floating is float:
-            if dy == NULL:
-                fastbn_rows_sums_f32(x + offset, rows, C, center, part1 + blk * C,
-                                     part2 + blk * C)
-            else:
-                fastbn_rows_grad_f32(dy + offset, x + offset,
-                                     NULL if output == NULL else output + offset, rows, C,
-                                     center, part1 + blk * C, part2 + blk * C)
+        _cl_partials_block(x, dy, output, L, center, part1, part2, blk)
+
+
+cdef inline void _cl_partials_block(const floating* x, const floating* dy,
+                                    const floating* output, Layout L, const double* center,
+                                    double* part1, double* part2, Py_ssize_t blk) noexcept nogil:
+    """Block blk of _cl_partials."""
+    cdef Py_ssize_t C = L.channels
+    cdef Py_ssize_t rows, offset
+    rows = min(L.outer, (blk + 1) * L.sum_rows) - blk * L.sum_rows
+    offset = blk * L.sum_rows * C
+    if floating is float and dy == NULL and LANES_FROM <= C < MEM_SUMS_BELOW:
+        fastbn_rows_sums_mem_f32(x + offset, rows, C, center, part1 + blk * C,
+                                 part2 + blk * C)
+    elif floating is float and dy == NULL and C >= LANES_FROM:
+        _cl_block_moments(x + offset, rows, C, center, part1 + blk * C, part2 + blk * C)
+    elif floating is float and dy != NULL and not L.stream and C < GRAD_MEM_BELOW:
+        fastbn_rows_grad_mem_f32(dy + offset, x + offset,
+                                 NULL if output == NULL else output + offset, rows, C,
+                                 center, part1 + blk * C, part2 + blk * C)
+    elif (floating is float and dy != NULL and output == NULL and C >= LANES_FROM
+          and (not L.stream or C >= GRAD_LANES_STREAMED)):
+        _cl_block_grad(dy + offset, x + offset, rows, C, center, part1 + blk * C,
+                       part2 + blk * C, not L.stream)
+    elif floating is float and dy != NULL and L.stream:
+        fastbn_rows_grad_stream_f32(dy + offset, x + offset,
+                                    NULL if output == NULL else output + offset, rows, C,
+                                    center, part1 + blk * C, part2 + blk * C)
+    elif floating is float:
+        if dy == NULL:
+            fastbn_rows_sums_f32(x + offset, rows, C, center, part1 + blk * C,
+                                 part2 + blk * C)
         else:
-            _cl_block_wide(x + offset, NULL if dy == NULL else dy + offset,
-                           NULL if output == NULL else output + offset, rows, C, center,
-                           part1 + blk * C, part2 + blk * C)
+            fastbn_rows_grad_f32(dy + offset, x + offset,
+                                 NULL if output == NULL else output + offset, rows, C,
+                                 center, part1 + blk * C, part2 + blk * C)
+    else:
+        _cl_block_wide(x + offset, NULL if dy == NULL else dy + offset,
+                       NULL if output == NULL else output + offset, rows, C, center,
+                       part1 + blk * C, part2 + blk * C)
 
 
 cdef void _cl_reduce(Layout L, const double* part1, const double* part2,
@@ -1758,82 +1771,116 @@ cdef void _cf_pass(const floating* x, const floating* dy, const floating* output
     rows one run per span, with constant parameters (5% faster there than the run across
     channels). The sums do not depend on the pairing, nor on the thread count.
     """
-    cdef Py_ssize_t G = c1 - c0
-    cdef Py_ssize_t blk, unit, n, j, j0, na, ne, r0, r1, start, length, offset, task, seg
-    cdef Py_ssize_t chunks
-    cdef double t1, t2
-    cdef char* buf
-    cdef floating* out = NULL if E == NULL else <floating*> E.out
-    if L.nseg > 1:
-        chunks = (L.group + L.row_chans - 1) // L.row_chans
-        for task in prange(L.outer * chunks, schedule="static", num_threads=L.threads):
-            buf = NULL if bufs == NULL else bufs + threadid() * (TILE_BYTES + 4096)
-            n = task // chunks
-            j0 = (task % chunks) * L.row_chans
-            na = max(0, min(G - j0, L.row_chans))
-            ne = max(0, min(e1 - e0 - j0, L.row_chans))
-            for j in range(max(na, ne)):
-                for seg in range(L.nseg):
-                    start = seg * L.seglen
-                    length = min(L.seglen, L.inner - start)
-                    offset = n * L.channels * L.inner + start
-                    t1 = 0.0
-                    t2 = 0.0
-                    _pair(x, dy, output,
-                          offset + (c0 + j0 + j) * L.inner if j < na else -1, 
-                          center[c0 + j0 + j] if j < na else 0.0, &t1, &t2, E,
-                          offset + (e0 + j0 + j) * L.inner if j < ne else -1, e0 + j0 + j,
-                          length, L.stream, buf)
-                    if j < na:
-                        part1[(n * L.nseg + seg) * G + j0 + j] = t1  # unit n * nseg + seg
-                        part2[(n * L.nseg + seg) * G + j0 + j] = t2
-            if L.stream and ne > 0:
-                fastbn_sfence()
+    cdef Py_ssize_t i, count
+    cdef bint tasks = L.nseg > 1
+    if tasks:
+        count = L.outer * ((L.group + L.row_chans - 1) // L.row_chans)
+    else:
+        count = L.cf_blocks
+    if L.threads == 1:  # see _cl_partials
+        for i in range(count):
+            _cf_unit(x, dy, output, L, c0, c1, center, part1, part2, E, e0, e1, tasks, i, bufs)
         return
-    for blk in prange(L.cf_blocks, schedule="static", num_threads=L.threads):
-        buf = NULL if bufs == NULL else bufs + threadid() * (TILE_BYTES + 4096)
-        unit = blk // L.chan_blocks
-        j0 = (blk % L.chan_blocks) * L.chan_chunk
-        na = max(0, min(G - j0, L.chan_chunk))
-        ne = max(0, min(e1 - e0 - j0, L.chan_chunk))
-        r0 = unit * L.chunk_rows
-        r1 = min(L.outer, r0 + L.chunk_rows)
-        for j in range(na):
-            part1[unit * G + j0 + j] = 0.0
-            part2[unit * G + j0 + j] = 0.0
-        if floating is float and L.columns and dy == NULL and na > 0:
-            offset = r0 * L.channels * L.inner + (c0 + j0) * L.inner
-            fastbn_cols_sums_f32(x + offset, r1 - r0, L.channels * L.inner, na, L.inner,
-                                 center + c0 + j0, part1 + unit * G + j0,
-                                 part2 + unit * G + j0)
-            na = 0  # the rows below only emit the element-wise pass
-        for n in range(r0, r1):
-            offset = n * L.channels * L.inner
-            if L.inner < LONG_SPAN:
-                for j in range(na):
-                    t1 = 0.0
-                    t2 = 0.0
-                    _pair(x, dy, output, offset + (c0 + j0 + j) * L.inner, center[c0 + j0 + j],
-                          &t1, &t2, E, -1, 0, L.inner, L.stream, buf)
-                    part1[unit * G + j0 + j] += t1
-                    part2[unit * G + j0 + j] += t2
-                if ne > 0:
-                    offset = offset + (e0 + j0) * L.inner
-                    _emit(E, out + offset, offset, ne * L.inner, e0 + j0, 0, L.inner, L.stream,
-                          buf)
-                continue
-            for j in range(max(na, ne)):
-                t1 = 0.0  # assigned so that prange makes them thread-private: their address
-                t2 = 0.0  # is taken below, which Cython does not count as an assignment
-                _pair(x, dy, output, offset + (c0 + j0 + j) * L.inner if j < na else -1,
-                      center[c0 + j0 + j] if j < na else 0.0, &t1, &t2, E,
-                      offset + (e0 + j0 + j) * L.inner if j < ne else -1, e0 + j0 + j,
-                      L.inner, L.stream, buf)
-                if j < na:
-                    part1[unit * G + j0 + j] += t1
-                    part2[unit * G + j0 + j] += t2
-        if L.stream and ne > 0:
-            fastbn_sfence()
+    for i in prange(count, schedule="static", num_threads=L.threads):
+        _cf_unit(x, dy, output, L, c0, c1, center, part1, part2, E, e0, e1, tasks, i,
+                 NULL if bufs == NULL else bufs + threadid() * (TILE_BYTES + 4096))
+
+
+cdef inline void _cf_unit(const floating* x, const floating* dy, const floating* output,
+                          Layout L, Py_ssize_t c0, Py_ssize_t c1, const double* center,
+                          double* part1, double* part2, Elementwise* E, Py_ssize_t e0,
+                          Py_ssize_t e1, bint tasks, Py_ssize_t i, char* buf) noexcept nogil:
+    """Task i (rows of several segments) or block i (the others) of _cf_pass, with the
+    thread's tile `buf`."""
+    if tasks:
+        _cf_task(x, dy, output, L, c0, c1, center, part1, part2, E, e0, e1, i, buf)
+    else:
+        _cf_block(x, dy, output, L, c0, c1, center, part1, part2, E, e0, e1, i, buf)
+
+
+cdef inline void _cf_task(const floating* x, const floating* dy, const floating* output,
+                          Layout L, Py_ssize_t c0, Py_ssize_t c1, const double* center,
+                          double* part1, double* part2, Elementwise* E, Py_ssize_t e0,
+                          Py_ssize_t e1, Py_ssize_t task, char* buf) noexcept nogil:
+    """Task `task` of _cf_pass: channels j0.. of row n, whole rows, segment by segment."""
+    cdef Py_ssize_t G = c1 - c0
+    cdef Py_ssize_t chunks = (L.group + L.row_chans - 1) // L.row_chans
+    cdef Py_ssize_t n, j, j0, na, ne, start, length, offset, seg
+    cdef double t1, t2
+    n = task // chunks
+    j0 = (task % chunks) * L.row_chans
+    na = max(0, min(G - j0, L.row_chans))
+    ne = max(0, min(e1 - e0 - j0, L.row_chans))
+    for j in range(max(na, ne)):
+        for seg in range(L.nseg):
+            start = seg * L.seglen
+            length = min(L.seglen, L.inner - start)
+            offset = n * L.channels * L.inner + start
+            t1 = 0.0
+            t2 = 0.0
+            _pair(x, dy, output,
+                  offset + (c0 + j0 + j) * L.inner if j < na else -1,
+                  center[c0 + j0 + j] if j < na else 0.0, &t1, &t2, E,
+                  offset + (e0 + j0 + j) * L.inner if j < ne else -1, e0 + j0 + j,
+                  length, L.stream, buf)
+            if j < na:
+                part1[(n * L.nseg + seg) * G + j0 + j] = t1  # unit n * nseg + seg
+                part2[(n * L.nseg + seg) * G + j0 + j] = t2
+    if L.stream and ne > 0:
+        fastbn_sfence()
+
+
+cdef inline void _cf_block(const floating* x, const floating* dy, const floating* output,
+                           Layout L, Py_ssize_t c0, Py_ssize_t c1, const double* center,
+                           double* part1, double* part2, Elementwise* E, Py_ssize_t e0,
+                           Py_ssize_t e1, Py_ssize_t blk, char* buf) noexcept nogil:
+    """Block `blk` of _cf_pass: a unit of rows n by a chunk of channels."""
+    cdef Py_ssize_t G = c1 - c0
+    cdef Py_ssize_t unit, n, j, j0, na, ne, r0, r1, offset
+    cdef double t1, t2
+    cdef floating* out = NULL if E == NULL else <floating*> E.out
+    unit = blk // L.chan_blocks
+    j0 = (blk % L.chan_blocks) * L.chan_chunk
+    na = max(0, min(G - j0, L.chan_chunk))
+    ne = max(0, min(e1 - e0 - j0, L.chan_chunk))
+    r0 = unit * L.chunk_rows
+    r1 = min(L.outer, r0 + L.chunk_rows)
+    for j in range(na):
+        part1[unit * G + j0 + j] = 0.0
+        part2[unit * G + j0 + j] = 0.0
+    if floating is float and L.columns and dy == NULL and na > 0:
+        offset = r0 * L.channels * L.inner + (c0 + j0) * L.inner
+        fastbn_cols_sums_f32(x + offset, r1 - r0, L.channels * L.inner, na, L.inner,
+                             center + c0 + j0, part1 + unit * G + j0,
+                             part2 + unit * G + j0)
+        na = 0  # the rows below only emit the element-wise pass
+    for n in range(r0, r1):
+        offset = n * L.channels * L.inner
+        if L.inner < LONG_SPAN:
+            for j in range(na):
+                t1 = 0.0
+                t2 = 0.0
+                _pair(x, dy, output, offset + (c0 + j0 + j) * L.inner, center[c0 + j0 + j],
+                      &t1, &t2, E, -1, 0, L.inner, L.stream, buf)
+                part1[unit * G + j0 + j] += t1
+                part2[unit * G + j0 + j] += t2
+            if ne > 0:
+                offset = offset + (e0 + j0) * L.inner
+                _emit(E, out + offset, offset, ne * L.inner, e0 + j0, 0, L.inner, L.stream,
+                      buf)
+            continue
+        for j in range(max(na, ne)):
+            t1 = 0.0
+            t2 = 0.0
+            _pair(x, dy, output, offset + (c0 + j0 + j) * L.inner if j < na else -1,
+                  center[c0 + j0 + j] if j < na else 0.0, &t1, &t2, E,
+                  offset + (e0 + j0 + j) * L.inner if j < ne else -1, e0 + j0 + j,
+                  L.inner, L.stream, buf)
+            if j < na:
+                part1[unit * G + j0 + j] += t1
+                part2[unit * G + j0 + j] += t2
+    if L.stream and ne > 0:
+        fastbn_sfence()
 
 
 cdef void _cl_elementwise(Elementwise* E, floating* tag, Layout L, char* bufs) noexcept nogil:
@@ -1841,18 +1888,27 @@ cdef void _cl_elementwise(Elementwise* E, floating* tag, Layout L, char* bufs) n
     periodic parameters. (Wide rows used to go channel tile by channel tile to keep the
     parameters in L1; reading the rows in memory order was faster: 3136x2048 float32 inference
     1.5x -> 1.1x the copy time, the parameters are served from L2.)"""
+    cdef Py_ssize_t blk
+    if L.threads == 1:  # see _cl_partials
+        for blk in range(L.nblocks):
+            _cl_elementwise_block(E, tag, L, blk, bufs)
+        return
+    for blk in prange(L.nblocks, schedule="static", num_threads=L.threads):
+        _cl_elementwise_block(E, tag, L, blk,
+                              NULL if bufs == NULL else bufs + threadid() * (TILE_BYTES + 4096))
+
+
+cdef inline void _cl_elementwise_block(Elementwise* E, floating* tag, Layout L, Py_ssize_t blk,
+                                       char* buf) noexcept nogil:
+    """Block blk of _cl_elementwise, with the thread's tile `buf`."""
     cdef floating* out = <floating*> E.out
     cdef Py_ssize_t C = L.channels
-    cdef Py_ssize_t blk, r0, r1
-    cdef char* buf
-    for blk in prange(L.nblocks, schedule="static", num_threads=L.threads):
-        buf = NULL if bufs == NULL else bufs + threadid() * (TILE_BYTES + 4096)
-        r0 = blk * L.block_rows
-        r1 = min(L.outer, r0 + L.block_rows)
-        if r1 > r0:
-            _emit(E, out + r0 * C, r0 * C, (r1 - r0) * C, 0, C, 0, L.stream, buf)
-        if L.stream:
-            fastbn_sfence()
+    cdef Py_ssize_t r0 = blk * L.block_rows
+    cdef Py_ssize_t r1 = min(L.outer, r0 + L.block_rows)
+    if r1 > r0:
+        _emit(E, out + r0 * C, r0 * C, (r1 - r0) * C, 0, C, 0, L.stream, buf)
+    if L.stream:
+        fastbn_sfence()
 
 
 cdef inline Py_ssize_t _param_stride(Py_ssize_t C) noexcept nogil:
