@@ -1341,6 +1341,15 @@ def _hwc_merge_chunk(part_s, part_q, rb, outer, c0, c1, mean, m2):
             n = tot
 
 
+# In a parallel function every NumPy allocation that initializes (np.zeros, np.full) is a
+# parallel loop of its own, launched on its own (a few microseconds per call); a one-element
+# zero or a table of partials zeroed in the loop that fills it launches nothing.
+@njit(**_JIT)
+def _zero_of(x):
+    """0 in x's dtype (made outside the parallel functions, see above)."""
+    return np.zeros(1, x.dtype)[0]
+
+
 @njit(**_JIT)
 def _shift_of(x):
     channels = x.shape[1]
@@ -1420,7 +1429,7 @@ def _chw_normalize(x, consts, residual, has_res, relu, out, c0, c1, stream):
     xf = x.reshape(x.size)
     of = out.reshape(out.size)
     rf = residual.reshape(residual.size)
-    zero = np.zeros(1, x.dtype)[0]
+    zero = _zero_of(x)
     if VECTOR_BYTES // x.itemsize <= inner <= RUN:
         # runs across channels in memory order, about SEG_RUN values each (_norm_seg_run)
         chans = max(1, SEG_RUN // inner)
@@ -1460,7 +1469,7 @@ def _chw_dx(dy, x, output, has_out, training, consts, out, c0, c1, stream):
     xf = x.reshape(x.size)
     of = output.reshape(output.size)
     dxf = out.reshape(out.size)
-    zero = np.zeros(1, x.dtype)[0]
+    zero = _zero_of(x)
     if VECTOR_BYTES // x.itemsize <= inner <= RUN:  # as in _chw_normalize
         chans = max(1, SEG_RUN // inner)
         chunks = (c1 - c0 + chans - 1) // chans
@@ -1730,10 +1739,13 @@ def _hwc_moments(x, from_memory):
     m2 = np.empty(channels)
     rb = max(1, BLOCK_NHWC // channels)
     nblocks = (outer + rb - 1) // rb
-    part_s = np.zeros((nblocks, channels))
-    part_q = np.zeros((nblocks, channels))
+    part_s = np.empty((nblocks, channels))
+    part_q = np.empty((nblocks, channels))
     ahead = from_memory and 64 <= channels <= 512
     for b in prange(nblocks):
+        for c in range(channels):
+            part_s[b, c] = 0.0
+            part_q[b, c] = 0.0
         r0 = b * rb
         _lanes_moments(xf, r0 * channels, min(outer, r0 + rb) - r0, channels, channels, shift,
                        part_s[b], part_q[b], ahead)
@@ -1768,7 +1780,7 @@ def _hwc_normalize(x, consts, residual, has_res, relu, out, stream):
     xf = x.reshape(x.size)
     of = out.reshape(out.size)
     rf = residual.reshape(residual.size)
-    zero = np.zeros(1, x.dtype)[0]
+    zero = _zero_of(x)
     padded = _periodic(consts, channels) if stream else consts
     rb = max(1, BLOCK // channels)
     for b in prange((outer + rb - 1) // rb):
@@ -1794,9 +1806,12 @@ def _hwc_backward(dy, x, mean, invstd, weight, output, has_out, training, out, s
     dxf = out.reshape(out.size)
     rb = max(1, BLOCK_NHWC // channels)
     nblocks = (outer + rb - 1) // rb
-    part_s = np.zeros((nblocks, channels))
-    part_q = np.zeros((nblocks, channels))
+    part_s = np.empty((nblocks, channels))
+    part_q = np.empty((nblocks, channels))
     for blk in prange(nblocks):
+        for c in range(channels):
+            part_s[blk, c] = 0.0
+            part_q[blk, c] = 0.0
         r0 = blk * rb
         if _is_float32(x) and channels < GRAD32_BELOW:
             _rows_grad32(dyf, xf, of, has_out, r0 * channels, min(outer, r0 + rb) - r0,
@@ -1804,16 +1819,19 @@ def _hwc_backward(dy, x, mean, invstd, weight, output, has_out, training, out, s
         else:
             _grad_sums(dyf, xf, of, has_out, r0 * channels, min(outer, r0 + rb) - r0, channels,
                        channels, mean, part_s[blk], part_q[blk])
-    sum_dy = np.zeros(channels)
-    sum_dy_xmu = np.zeros(channels)
+    sum_dy = np.empty(channels)
+    sum_dy_xmu = np.empty(channels)
     nchunks = (channels + MERGE_CHUNK - 1) // MERGE_CHUNK
     for k in prange(nchunks):
+        for c in range(k * MERGE_CHUNK, min(channels, (k + 1) * MERGE_CHUNK)):
+            sum_dy[c] = 0.0
+            sum_dy_xmu[c] = 0.0
         for blk in range(nblocks):
             for c in range(k * MERGE_CHUNK, min(channels, (k + 1) * MERGE_CHUNK)):
                 sum_dy[c] += part_s[blk, c]
                 sum_dy_xmu[c] += part_q[blk, c]
     consts = np.empty((5, channels), x.dtype)
-    zero = np.zeros(1, x.dtype)[0]
+    zero = _zero_of(x)
     _grad_constants(0, channels, np.float64(outer), mean, invstd, weight, sum_dy, sum_dy_xmu,
                     consts)
     padded = _periodic(consts, channels) if stream else consts
