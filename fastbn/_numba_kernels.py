@@ -1886,13 +1886,15 @@ def _active_layer() -> str:
         try:
             from numba.np.ufunc import parallel
             parallel._launch_threads()
-            # The layer's own thread-count functions: numba.get_num_threads and
-            # set_num_threads take a process lock and a thread lock on every call (1.1-1.8 us
-            # each, a tenth of a small call); these are what they call then.
-            _get_threads, _set_threads = parallel._get_num_threads, parallel._set_num_threads
             _layer = numba.threading_layer()
         except Exception:  # pragma: no cover - private API moved: assume the worst
             _layer = "workqueue"
+        else:
+            # The layer's own thread-count functions: numba.get_num_threads and
+            # set_num_threads take a process lock and a thread lock on every call (1.1-1.8 us
+            # each, a tenth of a small call); these are what they call then.
+            _get_threads = getattr(parallel, "_get_num_threads", numba.get_num_threads)
+            _set_threads = getattr(parallel, "_set_num_threads", numba.set_num_threads)
     return _layer
 
 
