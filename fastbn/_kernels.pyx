@@ -670,6 +670,12 @@ cdef extern from *:
     #define FASTBN_DX_SPAN(SUF, X, OUT, STREAM)                                                 \
         fastbn_dx_span_##SUF(dy, (X) ? x : NULL, (OUT) ? out : NULL, dx, n, a, hi, lo, b, cc,   \
                              STREAM);
+    #define FASTBN_AFFINE_ANY(SUF, R, RELU, STREAM)                                             \
+        fastbn_affine_any_##SUF(x, y, (R) ? r : NULL, RELU, n, hi, lo, s, t, period, phase,     \
+                                STREAM);
+    #define FASTBN_DX_ANY(SUF, X, OUT, STREAM)                                                  \
+        fastbn_dx_any_##SUF(dy, (X) ? x : NULL, (OUT) ? out : NULL, dx, n, a, hi, lo, b, cc,    \
+                            period, phase, STREAM);
     #define FASTBN_AFFINE_SEG(SUF, R, RELU, STREAM)                                             \
         fastbn_affine_seg_body_##SUF(x, y, (R) ? r : NULL, RELU, n, hi, lo, s, t, seg, STREAM);
     #define FASTBN_DX_SEG(SUF, X, OUT, STREAM)                                                  \
@@ -715,9 +721,10 @@ cdef extern from *:
         if (relu) v = (V)((M)v & ~(M)(v <= zero));                                              \
         return v;                                                                               \
     }                                                                                           \
-    static void fastbn_affine_any_##SUF(const T *x, T *y, const T *r, int relu, Py_ssize_t n,   \
-                                        const T *hi, const T *lo, const T *s, const T *t,       \
-                                        Py_ssize_t period, Py_ssize_t phase, int stream) {      \
+    static inline __attribute__((always_inline)) void fastbn_affine_any_##SUF(                  \
+            const T *x, T *y, const T *r, const int relu, Py_ssize_t n, const T *hi,            \
+            const T *lo, const T *s, const T *t, Py_ssize_t period, Py_ssize_t phase,           \
+            const int stream) {                                                                 \
         const V zero = {0};                                                                     \
         V H = zero + hi[0], L = zero + lo[0], S = zero + s[0], U = zero + t[0];                 \
         Py_ssize_t end, i = fastbn_body_##SUF(y, n, stream, &end);                              \
@@ -762,8 +769,7 @@ cdef extern from *:
     static void fastbn_affine_run_##SUF(const T *x, T *y, const T *r, int relu, Py_ssize_t n,   \
                                         const T *hi, const T *lo, const T *s, const T *t,       \
                                         Py_ssize_t period, Py_ssize_t phase, int stream) {      \
-        if (period != 1)                                                                        \
-            fastbn_affine_any_##SUF(x, y, r, relu, n, hi, lo, s, t, period, phase, stream);     \
+        if (period != 1) { FASTBN_FLAGS3(r != NULL, relu, stream, FASTBN_AFFINE_ANY, SUF) }     \
         else { FASTBN_FLAGS3(r != NULL, relu, stream, FASTBN_AFFINE_SPAN, SUF) }                \
     }                                                                                           \
     /* dx = mask(dy * a) + ((x - hi) - lo) * b + cc: mask zeroes where out <= 0 (out may be     \
@@ -788,10 +794,10 @@ cdef extern from *:
         if (x) v = v + ((fastbn_load_##SUF(x) - H) - L) * B + Q;                                \
         return v;                                                                               \
     }                                                                                           \
-    static void fastbn_dx_any_##SUF(const T *dy, const T *x, const T *out, T *dx, Py_ssize_t n,  \
-                                    const T *a, const T *hi, const T *lo, const T *b,           \
-                                    const T *cc, Py_ssize_t period, Py_ssize_t phase,           \
-                                    int stream) {                                               \
+    static inline __attribute__((always_inline)) void fastbn_dx_any_##SUF(                      \
+            const T *dy, const T *x, const T *out, T *dx, Py_ssize_t n, const T *a,             \
+            const T *hi, const T *lo, const T *b, const T *cc, Py_ssize_t period,               \
+            Py_ssize_t phase, const int stream) {                                               \
         const V zero = {0};                                                                     \
         V A = zero + a[0], H = zero + hi[0], L = zero + lo[0], B = zero + b[0],                 \
           Q = zero + cc[0];                                                                     \
@@ -839,8 +845,7 @@ cdef extern from *:
                                     const T *a, const T *hi, const T *lo, const T *b,           \
                                     const T *cc, Py_ssize_t period, Py_ssize_t phase,           \
                                     int stream) {                                               \
-        if (period != 1)                                                                        \
-            fastbn_dx_any_##SUF(dy, x, out, dx, n, a, hi, lo, b, cc, period, phase, stream);    \
+        if (period != 1) { FASTBN_FLAGS3(x != NULL, out != NULL, stream, FASTBN_DX_ANY, SUF) }  \
         else { FASTBN_FLAGS3(x != NULL, out != NULL, stream, FASTBN_DX_SPAN, SUF) }             \
     }                                                                                           \
     /* Runs across channels (channels-first rows of adjacent channels, seg = values per channel \
