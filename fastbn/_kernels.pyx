@@ -1091,13 +1091,28 @@ cdef extern from *:
     }
     /* fastbn_span_sums_f32 of one span and the affine pass y = act(((x - hi) - lo) * s + t + r)
        over another span of sn values (parameters hi[0], lo[0], s[0], t[0]). */
+    /* The fused spans below are compiled once per combination of their flags (a residual or
+       not, ReLU or not, streamed or not; for dx a mask or not): see FASTBN_FLAGS3. A pointer
+       flag is known non-NULL in its variant (__builtin_unreachable), so no test is left in
+       the loop. */
+    static inline __attribute__((always_inline)) void fastbn_span_sums_affine_body_f32(
+            const float *x, Py_ssize_t n, double shift, double *sum1, double *sum2,
+            const float *sx, const float *sr, const int has_r, const int relu, float *sy,
+            Py_ssize_t sn, const float *hi, const float *lo, const float *scale,
+            const float *offset, const int stream) {
+        fastbn_side_f32 side = {sx, has_r ? sr : NULL, NULL, sy, hi, lo, scale, offset, NULL};
+        if (has_r && !sr) __builtin_unreachable();
+        side.n = sn; side.relu = relu; side.stream = stream;
+        fastbn_span_sums_core_f32(x, n, shift, sum1, sum2, &side);
+    }
+    #define FASTBN_SUMS_AFFINE(SUF, R, RELU, STREAM)                                            \
+        fastbn_span_sums_affine_body_##SUF(x, n, shift, sum1, sum2, sx, sr, R, RELU, sy, sn,    \
+                                           hi, lo, scale, offset, STREAM);
     static void fastbn_span_sums_affine_f32(const float *x, Py_ssize_t n, double shift,
             double *sum1, double *sum2, const float *sx, const float *sr, int relu, float *sy,
             Py_ssize_t sn, const float *hi, const float *lo, const float *scale,
             const float *offset, int stream) {
-        fastbn_side_f32 side = {sx, sr, NULL, sy, hi, lo, scale, offset, NULL};
-        side.n = sn; side.relu = relu; side.stream = stream;
-        fastbn_span_sums_core_f32(x, n, shift, sum1, sum2, &side);
+        FASTBN_FLAGS3(sr != NULL, relu, stream, FASTBN_SUMS_AFFINE, f32)
     }
 
     /* float32 gradient sums, the same way as fastbn_span_sums_f32: g * (x - m) with m the mean
@@ -1159,13 +1174,28 @@ cdef extern from *:
     }
     /* fastbn_span_grad_sums_f32 of one span and dx = mask(dy * a) + ((x - hi) - lo) * b + c
        over another span of sn values (as fastbn_dx_run_f32, parameters a[0] ... c[0]). */
+    static inline __attribute__((always_inline)) void fastbn_span_grad_sums_dx_body_f32(
+            const float *dy, const float *x, const float *out, const int has_out, Py_ssize_t n,
+            double mean, double *sum_dy, double *sum_dy_xmu, const float *sdy, const float *sx,
+            const float *sout, const int has_sout, float *sdx, Py_ssize_t sn, const float *a,
+            const float *hi, const float *lo, const float *b, const float *c,
+            const int stream) {
+        fastbn_side_f32 side = {sx, has_sout ? sout : NULL, sdy, sdx, hi, lo, a, b, c};
+        if (has_out && !out) __builtin_unreachable();
+        if (has_sout && !sout) __builtin_unreachable();
+        if (!sdy) __builtin_unreachable();  /* the side pass is dx */
+        side.n = sn; side.relu = 0; side.stream = stream;
+        fastbn_span_grad_sums_core_f32(dy, x, has_out ? out : NULL, n, mean, sum_dy, sum_dy_xmu,
+                                       &side);
+    }
+    #define FASTBN_GRAD_DX(SUF, OUT, SOUT, STREAM)                                              \
+        fastbn_span_grad_sums_dx_body_##SUF(dy, x, out, OUT, n, mean, sum_dy, sum_dy_xmu, sdy,  \
+                                            sx, sout, SOUT, sdx, sn, a, hi, lo, b, c, STREAM);
     static void fastbn_span_grad_sums_dx_f32(const float *dy, const float *x, const float *out,
             Py_ssize_t n, double mean, double *sum_dy, double *sum_dy_xmu, const float *sdy,
             const float *sx, const float *sout, float *sdx, Py_ssize_t sn, const float *a,
             const float *hi, const float *lo, const float *b, const float *c, int stream) {
-        fastbn_side_f32 side = {sx, sout, sdy, sdx, hi, lo, a, b, c};
-        side.n = sn; side.relu = 0; side.stream = stream;
-        fastbn_span_grad_sums_core_f32(dy, x, out, n, mean, sum_dy, sum_dy_xmu, &side);
+        FASTBN_FLAGS3(out != NULL, sout != NULL, stream, FASTBN_GRAD_DX, f32)
     }
 
     """
