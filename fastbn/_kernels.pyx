@@ -686,10 +686,10 @@ cdef extern from *:
        them per vector (GCC does not unswitch the out-of-line functions), a vector took 18
        instructions instead of 8, which on Zen 4 kept fewer loads in flight: 32x144x56x56
        channels-first inference 3.98 -> 2.89 ms (the same loop inlined into a caller). */
-    #define FASTBN_FLAGS3(a, b, c, CALL, SUF)                                                      \
-        if (a) { if (b) { if (c) CALL(SUF, 1, 1, 1) else CALL(SUF, 1, 1, 0) }                            \
-                 else { if (c) CALL(SUF, 1, 0, 1) else CALL(SUF, 1, 0, 0) } }                            \
-        else { if (b) { if (c) CALL(SUF, 0, 1, 1) else CALL(SUF, 0, 1, 0) }                              \
+    #define FASTBN_FLAGS3(a, b, c, CALL, SUF)                                                   \
+        if (a) { if (b) { if (c) CALL(SUF, 1, 1, 1) else CALL(SUF, 1, 1, 0) }                  \
+                 else { if (c) CALL(SUF, 1, 0, 1) else CALL(SUF, 1, 0, 0) } }                  \
+        else { if (b) { if (c) CALL(SUF, 0, 1, 1) else CALL(SUF, 0, 1, 0) }                    \
                else { if (c) CALL(SUF, 0, 0, 1) else CALL(SUF, 0, 0, 0) } }
     #define FASTBN_AFFINE_SPAN(SUF, R, RELU, STREAM)                                            \
         fastbn_affine_span_##SUF(x, y, (R) ? r : NULL, RELU, n, hi, lo, s, t, STREAM);
@@ -1032,9 +1032,11 @@ cdef extern from *:
     #define fastbn_elt_affine_run_f32 fastbn_affine_run_f32w
     #define fastbn_elt_dx_run_f32 fastbn_dx_run_f32w
     #define fastbn_elt_affine_seg_f32(x, y, r, relu, n, hi, lo, s, t, seg, stream)            \
-        ((seg) < 16 ? fastbn_affine_seg_f32 : fastbn_affine_seg_f32w)(x, y, r, relu, n, hi, lo, s, t, seg, stream)
+        ((seg) < 16 ? fastbn_affine_seg_f32 : fastbn_affine_seg_f32w)(                          \
+            x, y, r, relu, n, hi, lo, s, t, seg, stream)
     #define fastbn_elt_dx_seg_f32(dy, x, out, dx, n, a, hi, lo, b, cc, seg, stream)            \
-        ((seg) < 16 ? fastbn_dx_seg_f32 : fastbn_dx_seg_f32w)(dy, x, out, dx, n, a, hi, lo, b, cc, seg, stream)
+        ((seg) < 16 ? fastbn_dx_seg_f32 : fastbn_dx_seg_f32w)(                                  \
+            dy, x, out, dx, n, a, hi, lo, b, cc, seg, stream)
     #else
     #define fastbn_elt_affine_run_f32 fastbn_affine_run_f32
     #define fastbn_elt_dx_run_f32 fastbn_dx_run_f32
@@ -1150,12 +1152,12 @@ cdef extern from *:
                                      double *sum2) {
         fastbn_span_sums_core_f32(x, n, shift, sum1, sum2, NULL);
     }
-    /* fastbn_span_sums_f32 of one span and the affine pass y = act(((x - hi) - lo) * s + t + r)
-       over another span of sn values (parameters hi[0], lo[0], s[0], t[0]). */
     /* The fused spans below are compiled once per combination of their flags (a residual or
        not, ReLU or not, streamed or not; for dx a mask or not): see FASTBN_FLAGS3. A pointer
        flag is known non-NULL in its variant (__builtin_unreachable), so no test is left in
        the loop. */
+    /* fastbn_span_sums_f32 of one span and the affine pass y = act(((x - hi) - lo) * s + t + r)
+       over another span of sn values (parameters hi[0], lo[0], s[0], t[0]). */
     static inline __attribute__((always_inline)) void fastbn_span_sums_affine_body_f32(
             const float *x, Py_ssize_t n, double shift, double *sum1, double *sum2,
             const float *sx, const float *sr, const int has_r, const int relu, float *sy,
