@@ -754,6 +754,14 @@ def _stream_store(context, builder, aryty, ary, index, value):
     store.set_metadata("nontemporal", builder.module.add_metadata([ir.IntType(32)(1)]))
 
 
+def _store(context, builder, aryty, ary, index, value, streamed):
+    """Store the vector at ary[index:], streamed (ary + index aligned) or plainly."""
+    if streamed:
+        _stream_store(context, builder, aryty, ary, index, value)
+    else:
+        builder.store(value, _vector_at(context, builder, aryty, ary, index), align=1)
+
+
 def _norm_vector(context, builder, xt, rt, args, p, vt, with_residual, with_relu):
     """act(((x - hi) - lo) * scale + shift [+ r]) of the vector at args[3] (args: xf, of, rf,
     i, ...), p = (hi, lo, scale, shift) as vectors: the operations of _norm_rows."""
@@ -767,9 +775,9 @@ def _norm_vector(context, builder, xt, rt, args, p, vt, with_residual, with_relu
     return y
 
 
-def _stream_norm_intrinsic(with_residual: bool, with_relu: bool):
+def _stream_norm_intrinsic(with_residual: bool, with_relu: bool, streamed: bool = True):
     """An intrinsic: of[i:i+V] = act(((x - hi) - lo) * scale + shift [+ r]), streamed (of + i
-    aligned). The residual and the ReLU are compiled in or out (as runtime flags, a select on
+    aligned) or stored plainly. The residual and the ReLU are compiled in or out (as runtime flags, a select on
     the loaded residual made LLVM load it with a mask: residual + ReLU 1.4x slower)."""
     @intrinsic
     def stream_norm(typingctx, xf, of, rf, i, consts, column):
@@ -780,7 +788,7 @@ def _stream_norm_intrinsic(with_residual: bool, with_relu: bool):
             vt = ir.VectorType(context.get_data_type(xt.dtype), _vector_width(xt.dtype))
             p = [_param(context, builder, pt, args[4], m, args[5], vt) for m in range(4)]
             y = _norm_vector(context, builder, xt, rt, args, p, vt, with_residual, with_relu)
-            _stream_store(context, builder, ot, args[1], args[3], y)
+            _store(context, builder, ot, args[1], args[3], y, streamed)
             return context.get_dummy_value()
         return sig, codegen
     return stream_norm
@@ -804,10 +812,7 @@ def _norm_seg_intrinsic(with_residual: bool, with_relu: bool, streamed: bool):
             vt = ir.VectorType(context.get_data_type(xt.dtype), _vector_width(xt.dtype))
             p = _blend(context, builder, pt, args[4], args[5], args[6], args[7], vt, 4)
             y = _norm_vector(context, builder, xt, rt, args, p, vt, with_residual, with_relu)
-            if streamed:
-                _stream_store(context, builder, ot, args[1], args[3], y)
-            else:
-                builder.store(y, _vector_at(context, builder, ot, args[1], args[3]), align=1)
+            _store(context, builder, ot, args[1], args[3], y, streamed)
             return context.get_dummy_value()
         return sig, codegen
     return norm_seg
@@ -838,28 +843,10 @@ def _dx_seg_intrinsic(training: bool, masked: bool, streamed: bool):
             p = _blend(context, builder, pt, args[5], args[6], args[7], args[8], vt,
                        5 if training else 1)
             dx = _dx_vector(context, builder, signature.args, args, p, vt, training, masked)
-            if streamed:
-                _stream_store(context, builder, dxt, args[3], args[4], dx)
-            else:
-                builder.store(dx, _vector_at(context, builder, dxt, args[3], args[4]), align=1)
+            _store(context, builder, dxt, args[3], args[4], dx, streamed)
             return context.get_dummy_value()
         return sig, codegen
     return dx_seg
-
-
-_dx_seg = [[[_dx_seg_intrinsic(t, m, st) for st in (False, True)] for m in (False, True)]
-           for t in (False, True)]
-_dx_seg_frozen, _dx_seg_frozen_stream = _dx_seg[0][0]
-_dx_seg_frozen_masked, _dx_seg_frozen_masked_stream = _dx_seg[0][1]
-_dx_seg_plain, _dx_seg_stream = _dx_seg[1][0]
-_dx_seg_masked, _dx_seg_masked_stream = _dx_seg[1][1]
-
-_norm_seg = [[[_norm_seg_intrinsic(r, a, st) for st in (False, True)] for a in (False, True)]
-             for r in (False, True)]
-_norm_seg_plain, _norm_seg_stream = _norm_seg[0][0]
-_norm_seg_relu, _norm_seg_relu_stream = _norm_seg[0][1]
-_norm_seg_res, _norm_seg_res_stream = _norm_seg[1][0]
-_norm_seg_res_relu, _norm_seg_res_relu_stream = _norm_seg[1][1]
 
 
 _stream_norm = _stream_norm_intrinsic(False, False)
@@ -868,9 +855,10 @@ _stream_norm_res = _stream_norm_intrinsic(True, False)
 _stream_norm_res_relu = _stream_norm_intrinsic(True, True)
 
 
-def _stream_dx_intrinsic(training: bool, masked: bool):
+def _stream_dx_intrinsic(training: bool, masked: bool, streamed: bool = True):
     """An intrinsic: dxf[i:i+V] = g * a + ((x - hi) - lo) * b + c (training) or g * a (frozen),
-    g = dy, or dy where output > 0 and 0 elsewhere (masked), streamed (dxf + i aligned); the
+    g = dy, or dy where output > 0 and 0 elsewhere (masked), streamed (dxf + i aligned) or
+    stored plainly; the
     operations of _dx_rows in its order. consts = (a, b, c, hi, lo) as in _param."""
     @intrinsic
     def stream_dx(typingctx, dyf, xf, of, dxf, i, consts, column):
@@ -882,7 +870,7 @@ def _stream_dx_intrinsic(training: bool, masked: bool):
             p = [_param(context, builder, pt, args[5], m, args[6], vt)
                  for m in range(5 if training else 1)]
             dx = _dx_vector(context, builder, signature.args, args, p, vt, training, masked)
-            _stream_store(context, builder, dxt, args[3], args[4], dx)
+            _store(context, builder, dxt, args[3], args[4], dx, streamed)
             return context.get_dummy_value()
         return sig, codegen
     return stream_dx
@@ -909,6 +897,17 @@ _stream_dx = _stream_dx_intrinsic(True, False)
 _stream_dx_masked = _stream_dx_intrinsic(True, True)
 _stream_dx_frozen = _stream_dx_intrinsic(False, False)
 _stream_dx_frozen_masked = _stream_dx_intrinsic(False, True)
+
+
+# The intrinsics (inside a channel, across two) of _seg_vectors, by (dx, flag, flag, streamed).
+_SEG_INTRINSICS = {}
+for _a in (False, True):
+    for _b in (False, True):
+        for _st in (False, True):
+            _SEG_INTRINSICS[False, _a, _b, _st] = (_stream_norm_intrinsic(_a, _b, _st),
+                                                  _norm_seg_intrinsic(_a, _b, _st))
+            _SEG_INTRINSICS[True, _a, _b, _st] = (_stream_dx_intrinsic(_a, _b, _st),
+                                                 _dx_seg_intrinsic(_a, _b, _st))
 
 
 @intrinsic
@@ -977,7 +976,6 @@ def _norm_seg_run(xf, of, rf, start, n, has_res, relu, consts, c, seg, zero, str
     one or two channels it covers (_norm_seg), as the Cython backend does, instead of constants
     expanded per element. Streamed when `stream` (head and tail, element by element)."""
     width = VECTOR_BYTES // xf.itemsize
-    last = consts.shape[1] - 1
     head = _stream_head(of, start, n) if stream else 0
     body = head + (n - head) // width * width
     for t in range(n - body + head):  # head, then tail
@@ -986,33 +984,65 @@ def _norm_seg_run(xf, of, rf, start, n, has_res, relu, consts, c, seg, zero, str
         y = ((xf[start + t] - consts[0, k]) - consts[1, k]) * consts[2, k] + consts[3, k]
         y = y + rf[start + t] if has_res else y
         of[start + t] = zero if relu and y <= zero else y
-    k = c + head // seg
-    p = head - (k - c) * seg  # position in channel k
-    for t in range(head, body, width):
-        i = start + t
-        b = np.int64(seg - p)  # lanes from b on: channel k + 1
-        kn = min(k + 1, last)
-        if stream:
-            if has_res and relu:
-                _norm_seg_res_relu_stream(xf, of, rf, i, consts, k, kn, b)
-            elif has_res:
-                _norm_seg_res_stream(xf, of, rf, i, consts, k, kn, b)
-            elif relu:
-                _norm_seg_relu_stream(xf, of, rf, i, consts, k, kn, b)
-            else:
-                _norm_seg_stream(xf, of, rf, i, consts, k, kn, b)
-        elif has_res and relu:
-            _norm_seg_res_relu(xf, of, rf, i, consts, k, kn, b)
+    arrays = (xf, of, rf)
+    if stream:
+        if has_res and relu:
+            _seg_vectors(arrays, start, head, body, consts, c, seg, False, True, True, True)
         elif has_res:
-            _norm_seg_res(xf, of, rf, i, consts, k, kn, b)
+            _seg_vectors(arrays, start, head, body, consts, c, seg, False, True, False, True)
         elif relu:
-            _norm_seg_relu(xf, of, rf, i, consts, k, kn, b)
+            _seg_vectors(arrays, start, head, body, consts, c, seg, False, False, True, True)
         else:
-            _norm_seg_plain(xf, of, rf, i, consts, k, kn, b)
-        p += width
-        if p >= seg:
-            p -= seg
+            _seg_vectors(arrays, start, head, body, consts, c, seg, False, False, False, True)
+    elif has_res and relu:
+        _seg_vectors(arrays, start, head, body, consts, c, seg, False, True, True, False)
+    elif has_res:
+        _seg_vectors(arrays, start, head, body, consts, c, seg, False, True, False, False)
+    elif relu:
+        _seg_vectors(arrays, start, head, body, consts, c, seg, False, False, True, False)
+    else:
+        _seg_vectors(arrays, start, head, body, consts, c, seg, False, False, False, False)
+
+
+def _seg_vectors(arrays, start, head, body, consts, c, seg, dx, a, b, stream):
+    """The whole vectors [head, body) of a run from `start` across channels c, c + 1, ... of
+    `seg` values each (at least one vector), channel by channel: the vectors inside the
+    channel from its constants as scalars (splats that stay in registers), then the one it
+    shares with the next channel (a blend of the two channels' constants). The normalization
+    (arrays (xf, of, rf), flags a = residual, b = ReLU) or dx (arrays (dyf, xf, of, dxf),
+    a = training, b = masked), streamed or not. The flags are constants at each call: each
+    combination is compiled as its own loop, with no test of the flags per vector (and no
+    function passed as a value, which Numba could not cache)."""
+
+
+@overload(_seg_vectors, jit_options=_JIT, prefer_literal=True)
+def _seg_vectors_jit(arrays, start, head, body, consts, c, seg, dx, a, b, stream):
+    flags = (dx, a, b, stream)
+    if not all(isinstance(f, types.BooleanLiteral) for f in flags):
+        return None
+    inside, across = _SEG_INTRINSICS[tuple(f.literal_value for f in flags)]
+    width = _vector_width(arrays[0].dtype)  # a constant: no division by it below
+
+    def vectors(arrays, start, head, body, consts, c, seg, dx, a, b, stream):
+        last = consts.shape[1] - 1
+        five = min(4, consts.shape[0] - 1)  # (the normalization has four constants, dx five)
+        k = c + head // seg
+        p = head - (k - c) * seg  # position in channel k
+        t = head
+        while t < body:
+            count = min(body - t, seg - p) // width
+            shared = seg - p - count * width  # lanes of channel k in the vector after those
+            cc = (consts[0, k], consts[1, k], consts[2, k], consts[3, k], consts[five, k])
+            for i in range(start + t, start + t + count * width, width):
+                inside(*arrays, i, cc, 0)
+            t += count * width
+            p = 0
+            if shared > 0 and t < body:
+                across(*arrays, start + t, consts, k, min(k + 1, last), np.int64(shared))
+                t += width
+                p = width - shared
             k += 1
+    return vectors
 
 
 @njit(**_JIT)
@@ -1021,7 +1051,6 @@ def _dx_seg_run(dyf, xf, of, dxf, start, n, has_out, training, consts, c, seg, z
     with the per-channel constants (a, b, c, hi, lo) of consts, as _norm_seg_run does for the
     normalization."""
     width = VECTOR_BYTES // xf.itemsize
-    last = consts.shape[1] - 1
     head = _stream_head(dxf, start, n) if stream else 0
     body = head + (n - head) // width * width
     for t in range(n - body + head):  # head, then tail
@@ -1034,33 +1063,24 @@ def _dx_seg_run(dyf, xf, of, dxf, start, n, has_out, training, consts, c, seg, z
                       + consts[2, k])
         else:
             dxf[i] = g * consts[0, k]
-    k = c + head // seg
-    p = head - (k - c) * seg
-    for t in range(head, body, width):
-        i = start + t
-        b = np.int64(seg - p)
-        kn = min(k + 1, last)
-        if stream:
-            if training and has_out:
-                _dx_seg_masked_stream(dyf, xf, of, dxf, i, consts, k, kn, b)
-            elif training:
-                _dx_seg_stream(dyf, xf, of, dxf, i, consts, k, kn, b)
-            elif has_out:
-                _dx_seg_frozen_masked_stream(dyf, xf, of, dxf, i, consts, k, kn, b)
-            else:
-                _dx_seg_frozen_stream(dyf, xf, of, dxf, i, consts, k, kn, b)
-        elif training and has_out:
-            _dx_seg_masked(dyf, xf, of, dxf, i, consts, k, kn, b)
+    arrays = (dyf, xf, of, dxf)
+    if stream:
+        if training and has_out:
+            _seg_vectors(arrays, start, head, body, consts, c, seg, True, True, True, True)
         elif training:
-            _dx_seg_plain(dyf, xf, of, dxf, i, consts, k, kn, b)
+            _seg_vectors(arrays, start, head, body, consts, c, seg, True, True, False, True)
         elif has_out:
-            _dx_seg_frozen_masked(dyf, xf, of, dxf, i, consts, k, kn, b)
+            _seg_vectors(arrays, start, head, body, consts, c, seg, True, False, True, True)
         else:
-            _dx_seg_frozen(dyf, xf, of, dxf, i, consts, k, kn, b)
-        p += width
-        if p >= seg:
-            p -= seg
-            k += 1
+            _seg_vectors(arrays, start, head, body, consts, c, seg, True, False, False, True)
+    elif training and has_out:
+        _seg_vectors(arrays, start, head, body, consts, c, seg, True, True, True, False)
+    elif training:
+        _seg_vectors(arrays, start, head, body, consts, c, seg, True, True, False, False)
+    elif has_out:
+        _seg_vectors(arrays, start, head, body, consts, c, seg, True, False, True, False)
+    else:
+        _seg_vectors(arrays, start, head, body, consts, c, seg, True, False, False, False)
 
 
 @njit(**_JIT)
