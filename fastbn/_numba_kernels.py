@@ -78,6 +78,11 @@ the gradient sums, and the backward reused them): a first training call now take
 long, and training plus backward about 10% longer (the block-sums functions compile twice).
 Warm cache: import and first call 0.66 s. Earlier on a Zen 5 VM (older, smaller kernels):
 channels-first training 5.0 s, backward 4.5 s, channels-last 5.4 and 3.4 s.
+The element-wise loops compiled per flag combination (_seg_vectors, _norm_rows_as) made the
+first calls longer: on the Zen 4 VM, float32 channels-first from an empty cache, inference
+10.4 -> 26.6 s, then training 20.3 -> 33.1 s, and a backward alone 42.7 -> 48.1 s
+(2026-12-03; warm: 0.87 s). Each kernel compiles every combination it might run, since the
+flags are run-time values at its entry.
 """
 from __future__ import annotations
 
@@ -910,8 +915,8 @@ _stream_norm_res_relu = _stream_norm_intrinsic(True, True)
 def _stream_dx_intrinsic(training: bool, masked: bool, streamed: bool = True):
     """An intrinsic: dxf[i:i+V] = g * a + ((x - hi) - lo) * b + c (training) or g * a (frozen),
     g = dy, or dy where output > 0 and 0 elsewhere (masked), streamed (dxf + i aligned) or
-    stored plainly; the
-    operations of _dx_rows in its order. consts = (a, b, c, hi, lo) as in _param."""
+    stored plainly; the operations of _dx_rows in its order. consts = (a, b, c, hi, lo) as in
+    _param."""
     @intrinsic
     def stream_dx(typingctx, dyf, xf, of, dxf, i, consts, column):
         sig = types.void(dyf, xf, of, dxf, i, consts, column)
