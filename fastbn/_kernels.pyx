@@ -492,8 +492,8 @@ cdef extern from *:
                     WIDEN(t2 + LANES / 4 * k, q);                                               \
                 }                                                                               \
             }                                                                                   \
-            fastbn_rows_sums_finish_f32(x, rows, C, c0, LANES * w, (const fastbn_v8f *)m, t1, t2, shift, part1,\
-                                        part2);                                                 \
+            fastbn_rows_sums_finish_f32(x, rows, C, c0, LANES * w, (const fastbn_v8f *)m, t1,   \
+                                        t2, shift, part1, part2);                               \
         }                                                                                       \
         for (c = body; c < C; c++) fastbn_rows_sums_wide_f32(x, rows, C, c, shift, part1, part2);\
     }
