@@ -61,28 +61,22 @@ The thread count comes from ``fastbn.set_num_threads`` (or OpenMP's limit): it i
 
 Compilation
 -----------
-Kernels compile lazily, each specialized on the dtype (residual/output presence, ReLU and
-training are runtime flags) and, for the channels-first block sums, on the kind of sums: dy None
-(moments) or an array (backward sums), chosen when typed (see _lanes), so training does not
-compile the gradient sums nor the backward the moments. Per layout there are the parallel
-block sums, normalization and dx (channels-first also the overlapped pair of _chw_overlap;
-channels-last: moments, normalization, backward), and small serial functions that combine them;
-a user pays only for those used. All are cached on disk (``cache=True``; Numba writes cache
-files atomically and keys them on the source file's timestamp).
+Kernels compile lazily, each specialized on the dtype and on the flags of the call. The Python
+wrappers pick one entry per combination of flags (residual, ReLU, streamed stores, training,
+output given; see ``_specialized``): a closure whose flags Numba types as literals, so every
+branch a call cannot take is pruned before it is compiled, and the element-wise loops below it
+(``_seg_vectors``, ``_norm_rows``) compile only the one variant that call runs. A user pays for
+the operations and flag combinations used, once: all entries and kernels are cached on disk
+(``cache=True``; Numba writes cache files atomically, keys them on the source file's timestamp
+and keys a closure by the values it closes over).
 
-First calls measured on the 2-core Zen 3 VM, float32 channels-first, from one empty cache, each
-in a fresh process, in this order (each reusing what the ones before compiled), 2026-12-03,
-two runs: inference 11.8-12.3 s, training 27.4-29.9 s, backward 47.0-54.5 s. The code before
-the split by kind, in the same session: 9.9-13.0, 48.6-53.6 and 13.7-15.5 s (training compiled
-the gradient sums, and the backward reused them): a first training call now takes half as
-long, and training plus backward about 10% longer (the block-sums functions compile twice).
-Warm cache: import and first call 0.66 s. Earlier on a Zen 5 VM (older, smaller kernels):
-channels-first training 5.0 s, backward 4.5 s, channels-last 5.4 and 3.4 s.
-The element-wise loops compiled per flag combination (_seg_vectors, _norm_rows_as) made the
-first calls longer: on the Zen 4 VM, float32 channels-first from an empty cache, inference
-10.4 -> 26.6 s, then training 20.3 -> 33.1 s, and a backward alone 42.7 -> 48.1 s
-(2026-12-03; warm: 0.87 s). Each kernel compiles every combination it might run, since the
-flags are run-time values at its entry.
+First calls on the 2-core AMD EPYC (Zen 4) VM, float32 (4, 32, 64, 64), each from an empty cache
+in a fresh process, 2026-12-04: channels-first inference 7.3-9.7 s, training 17.2 s, backward
+17.0 s (32x64x64x64, which streams its stores: 8.7, 30.8 and 35.9 s); channels-last 3.6, 7.4
+and 10.5 s. With runtime flags at the entries (the code before, same VM and shapes) every
+kernel compiled each combination it might run: 21.6, 50.9 and 38.8 s channels-first. From the
+cache, import 0.25 s and first call 0.3 s. Each further flag combination compiles its entry
+and the element-wise loop it calls (a few seconds).
 """
 from __future__ import annotations
 
@@ -153,7 +147,7 @@ MERGE_CHUNK = 256
 # 1 thread 5-15% slower, so they keep the plain order.
 OVERLAP = True
 OVERLAP_FROM = 4096
-# Rows of at most TWO_ROWS_BYTES are normalized two at a time (_norm_rows_as), as in the Cython
+# Rows of at most TWO_ROWS_BYTES are normalized two at a time (_norm_rows), as in the Cython
 # backend (FASTBN_TWO_ROWS, where wider rows were slower that way).
 TWO_ROWS_BYTES = 512
 # Values per task of the channels-first normalization of short rows: runs across channels in
@@ -643,28 +637,6 @@ def _at_jit(v, m, i):
     return lambda v, m, i: v[m]
 
 
-@njit(**_JIT)
-def _norm_rows(xf, of, rf, start, rows, stride, width, has_res, relu, consts, zero):
-    """out = act(((x - hi) - lo) * scale + shift [+ residual]), consts = (hi, lo, scale, shift),
-    by a loop compiled for the flags (_norm_rows_as)."""
-    if has_res and relu:
-        _norm_rows_as(xf, of, rf, start, rows, stride, width, consts, zero, True, True)
-    elif has_res:
-        _norm_rows_as(xf, of, rf, start, rows, stride, width, consts, zero, True, False)
-    elif relu:
-        _norm_rows_as(xf, of, rf, start, rows, stride, width, consts, zero, False, True)
-    else:
-        _norm_rows_as(xf, of, rf, start, rows, stride, width, consts, zero, False, False)
-
-
-def _norm_rows_as(xf, of, rf, start, rows, stride, width, consts, zero, has_res, relu):
-    """_norm_rows for flags that are constants at the call (LLVM took only some of them out of
-    the loop). Rows of at most TWO_ROWS_BYTES two at a time, each constant loaded once for
-    both, as in the Cython backend: channels-last 8x56x56x64 inference, same process, x copy,
-    1.16-1.36 -> 0.98-1.13 (Cython 0.78-0.85). The flat arrays are read at unsigned indices
-    (see _rows_grad32)."""
-
-
 @njit(inline="always", **_JIT)
 def _norm_value(x, r, hi, lo, scale, shift, zero, with_res, with_relu):
     """One normalized value, residual r added when with_res, ReLU when with_relu."""
@@ -676,34 +648,36 @@ def _norm_value(x, r, hi, lo, scale, shift, zero, with_res, with_relu):
     return y
 
 
-@overload(_norm_rows_as, jit_options=_JIT, prefer_literal=True)
-def _norm_rows_as_jit(xf, of, rf, start, rows, stride, width, consts, zero, has_res, relu):
-    if not (isinstance(has_res, types.BooleanLiteral) and isinstance(relu, types.BooleanLiteral)):
-        return None
-    res, act = has_res.literal_value, relu.literal_value
+@njit(**_JIT)
+def _norm_rows(xf, of, rf, start, rows, stride, width, has_res, relu, consts, zero):
+    """out = act(((x - hi) - lo) * scale + shift [+ residual]), consts = (hi, lo, scale, shift).
 
-    def rows_as(xf, of, rf, start, rows, stride, width, consts, zero, has_res, relu):
-        pairs = rows // 2 if width * xf.itemsize <= TWO_ROWS_BYTES else 0
-        for r in range(pairs):
-            b0 = np.uint64(start + 2 * r * stride)
-            b1 = b0 + np.uint64(stride)
-            for i in range(width):
-                k0 = b0 + np.uint64(i)
-                k1 = b1 + np.uint64(i)
-                hi, lo = _at(consts, 0, i), _at(consts, 1, i)
-                scale, shift = _at(consts, 2, i), _at(consts, 3, i)
-                of[k0] = _norm_value(xf[k0], rf[k0] if res else zero, hi, lo, scale, shift,
-                                     zero, res, act)
-                of[k1] = _norm_value(xf[k1], rf[k1] if res else zero, hi, lo, scale, shift,
-                                     zero, res, act)
-        for r in range(2 * pairs, rows):
-            b0 = np.uint64(start + r * stride)
-            for i in range(width):
-                k0 = b0 + np.uint64(i)
-                of[k0] = _norm_value(xf[k0], rf[k0] if res else zero, _at(consts, 0, i),
-                                     _at(consts, 1, i), _at(consts, 2, i), _at(consts, 3, i),
-                                     zero, res, act)
-    return rows_as
+    The flags are constants where the kernels' entries made them so (see _specialized), and
+    this loop is then compiled for them: LLVM took only some runtime flags out of the loop.
+    Rows of at most TWO_ROWS_BYTES two at a time, each constant loaded once for both, as in
+    the Cython backend: channels-last 8x56x56x64 inference, same process, x copy, 1.16-1.36 ->
+    0.98-1.13 (Cython 0.78-0.85). The flat arrays are read at unsigned indices (see
+    _rows_grad32)."""
+    pairs = rows // 2 if width * xf.itemsize <= TWO_ROWS_BYTES else 0
+    for r in range(pairs):
+        b0 = np.uint64(start + 2 * r * stride)
+        b1 = b0 + np.uint64(stride)
+        for i in range(width):
+            k0 = b0 + np.uint64(i)
+            k1 = b1 + np.uint64(i)
+            hi, lo = _at(consts, 0, i), _at(consts, 1, i)
+            scale, shift = _at(consts, 2, i), _at(consts, 3, i)
+            of[k0] = _norm_value(xf[k0], rf[k0] if has_res else zero, hi, lo, scale, shift,
+                                 zero, has_res, relu)
+            of[k1] = _norm_value(xf[k1], rf[k1] if has_res else zero, hi, lo, scale, shift,
+                                 zero, has_res, relu)
+    for r in range(2 * pairs, rows):
+        b0 = np.uint64(start + r * stride)
+        for i in range(width):
+            k0 = b0 + np.uint64(i)
+            of[k0] = _norm_value(xf[k0], rf[k0] if has_res else zero, _at(consts, 0, i),
+                                 _at(consts, 1, i), _at(consts, 2, i), _at(consts, 3, i),
+                                 zero, has_res, relu)
 
 
 @njit(**_JIT)
@@ -997,18 +971,6 @@ def _wrap(column, period):
     return column
 
 
-def _from(v, column):
-    """The constants from `column` on: v[:, column:] for per-element constants, the tuple v."""
-    return v[:, column:] if isinstance(v, np.ndarray) else v
-
-
-@overload(_from, inline="always")
-def _from_jit(v, column):
-    if isinstance(v, types.Array):
-        return lambda v, column: v[:, column:]
-    return lambda v, column: v
-
-
 @njit(**_JIT)
 def _norm_run(xf, of, rf, start, n, has_res, relu, consts, column, period, zero):
     """Streamed normalization of the run [start, start + n): element start + t takes the
@@ -1018,11 +980,24 @@ def _norm_run(xf, of, rf, start, n, has_res, relu, consts, column, period, zero)
     width = VECTOR_BYTES // xf.itemsize
     head = _stream_head(of, start, n)
     body = head + (n - head) // width * width
-    _norm_rows(xf, of, rf, start, 1, 0, head, has_res, relu, _from(consts, column), zero)
+    _norm_elems(xf, of, rf, start, head, has_res, relu, consts, column, zero)
     col = _norm_vectors(xf, of, rf, start + head, (body - head) // width, has_res, relu, consts,
                         _wrap(column + head, period), period)
-    _norm_rows(xf, of, rf, start + body, 1, 0, n - body, has_res, relu, _from(consts, col),
-               zero)
+    _norm_elems(xf, of, rf, start + body, n - body, has_res, relu, consts, col, zero)
+
+
+@njit(**_JIT)
+def _norm_elems(xf, of, rf, start, n, has_res, relu, consts, column, zero):
+    """The normalization of the n < one vector values from start (the head or tail of a run),
+    element start + t with the constants of column column + t: the flags tested per element,
+    where _norm_rows compiles a loop per flag combination, which for these few values would
+    only lengthen the first call."""
+    for t in range(n):
+        k = start + t
+        i = column + t
+        of[k] = _norm_value(xf[k], rf[k] if has_res else zero, _at(consts, 0, i),
+                            _at(consts, 1, i), _at(consts, 2, i), _at(consts, 3, i), zero,
+                            has_res, relu)
 
 
 @njit(**_JIT)
@@ -1041,24 +1016,7 @@ def _norm_seg_run(xf, of, rf, start, n, has_res, relu, consts, c, seg, zero, str
         y = ((xf[start + t] - consts[0, k]) - consts[1, k]) * consts[2, k] + consts[3, k]
         y = y + rf[start + t] if has_res else y
         of[start + t] = zero if relu and y <= zero else y
-    arrays = (xf, of, rf)
-    if stream:
-        if has_res and relu:
-            _seg_vectors(arrays, start, head, body, consts, c, seg, False, True, True, True)
-        elif has_res:
-            _seg_vectors(arrays, start, head, body, consts, c, seg, False, True, False, True)
-        elif relu:
-            _seg_vectors(arrays, start, head, body, consts, c, seg, False, False, True, True)
-        else:
-            _seg_vectors(arrays, start, head, body, consts, c, seg, False, False, False, True)
-    elif has_res and relu:
-        _seg_vectors(arrays, start, head, body, consts, c, seg, False, True, True, False)
-    elif has_res:
-        _seg_vectors(arrays, start, head, body, consts, c, seg, False, True, False, False)
-    elif relu:
-        _seg_vectors(arrays, start, head, body, consts, c, seg, False, False, True, False)
-    else:
-        _seg_vectors(arrays, start, head, body, consts, c, seg, False, False, False, False)
+    _seg_vectors((xf, of, rf), start, head, body, consts, c, seg, False, has_res, relu, stream)
 
 
 def _seg_vectors(arrays, start, head, body, consts, c, seg, dx, a, b, stream):
@@ -1067,8 +1025,8 @@ def _seg_vectors(arrays, start, head, body, consts, c, seg, dx, a, b, stream):
     channel from its constants as scalars (splats that stay in registers), then the one it
     shares with the next channel (a blend of the two channels' constants). The normalization
     (arrays (xf, of, rf), flags a = residual, b = ReLU) or dx (arrays (dyf, xf, of, dxf),
-    a = training, b = masked), streamed or not. The flags are constants at each call: each
-    combination is compiled as its own loop, with no test of the flags per vector (and no
+    a = training, b = masked), streamed or not. The flags must be literals (see _specialized):
+    each combination is compiled as its own loop, with no test of the flags per vector (and no
     function passed as a value, which Numba could not cache)."""
 
 
@@ -1120,24 +1078,8 @@ def _dx_seg_run(dyf, xf, of, dxf, start, n, has_out, training, consts, c, seg, z
                       + consts[2, k])
         else:
             dxf[i] = g * consts[0, k]
-    arrays = (dyf, xf, of, dxf)
-    if stream:
-        if training and has_out:
-            _seg_vectors(arrays, start, head, body, consts, c, seg, True, True, True, True)
-        elif training:
-            _seg_vectors(arrays, start, head, body, consts, c, seg, True, True, False, True)
-        elif has_out:
-            _seg_vectors(arrays, start, head, body, consts, c, seg, True, False, True, True)
-        else:
-            _seg_vectors(arrays, start, head, body, consts, c, seg, True, False, False, True)
-    elif training and has_out:
-        _seg_vectors(arrays, start, head, body, consts, c, seg, True, True, True, False)
-    elif training:
-        _seg_vectors(arrays, start, head, body, consts, c, seg, True, True, False, False)
-    elif has_out:
-        _seg_vectors(arrays, start, head, body, consts, c, seg, True, False, True, False)
-    else:
-        _seg_vectors(arrays, start, head, body, consts, c, seg, True, False, False, False)
+    _seg_vectors((dyf, xf, of, dxf), start, head, body, consts, c, seg, True, training, has_out,
+                 stream)
 
 
 @njit(**_JIT)
@@ -1158,12 +1100,25 @@ def _dx_run(dyf, xf, of, dxf, start, n, has_out, training, consts, column, perio
     width = VECTOR_BYTES // xf.itemsize
     head = _stream_head(dxf, start, n)
     body = head + (n - head) // width * width
-    _dx_rows(dyf, xf, of, dxf, start, 1, 0, head, has_out, training, _from(consts, column),
-             zero)
+    _dx_elems(dyf, xf, of, dxf, start, head, has_out, training, consts, column, zero)
     col = _dx_vectors(dyf, xf, of, dxf, start + head, (body - head) // width, has_out, training,
                       consts, _wrap(column + head, period), period)
-    _dx_rows(dyf, xf, of, dxf, start + body, 1, 0, n - body, has_out, training,
-             _from(consts, col), zero)
+    _dx_elems(dyf, xf, of, dxf, start + body, n - body, has_out, training, consts, col, zero)
+
+
+@njit(**_JIT)
+def _dx_elems(dyf, xf, of, dxf, start, n, has_out, training, consts, column, zero):
+    """dx of the n < one vector values from start, as _norm_elems (the formulas of
+    _dx_rows)."""
+    for t in range(n):
+        k = start + t
+        i = column + t
+        g = dyf[k] if not has_out or of[k] > 0 else zero
+        if training:
+            dxf[k] = (g * _at(consts, 0, i) + ((xf[k] - _at(consts, 3, i)) - _at(consts, 4, i))
+                      * _at(consts, 1, i) + _at(consts, 2, i))
+        else:
+            dxf[k] = g * _at(consts, 0, i)
 
 
 @njit(inline="always", **_JIT)
@@ -1474,9 +1429,9 @@ def _grad_constants(c0, c1, n, mean, invstd, weight, sum_dy, sum_dy_xmu, consts)
 # Three parallel functions (compiled only when used) work on a channel range [c0, c1) unit by
 # unit (see _units): block partial sums, normalization and dx. Training forward and backward run
 # them channel group by channel group, so the second pass finds the group in cache. A constant
-# argument (False, 0) is typed as a literal and compiles a specialization of its own, and so
-# does a prange index (int64 when the loop is typed, uint64 in the parallel body): np.bool_,
-# np.int64 keep one specialization per dtype.
+# argument (0) is typed as a literal and compiles a specialization of its own, and so does a
+# prange index (int64 when the loop is typed, uint64 in the parallel body): np.int64 keeps one
+# specialization per dtype. (The flags are literals on purpose: see _specialized.)
 
 @njit(**_PARALLEL)
 def _chw_partials(dy, x, output, has_out, center, c0, c1, part_s, part_q):
@@ -1734,75 +1689,6 @@ def _chw_moments(x):
     return mean, m2
 
 
-@njit(**_JIT)
-def _chw_train(x, weight, bias, eps, residual, has_res, relu, out, stream, group_bytes,
-               overlap):
-    outer, channels, inner = x.shape
-    shift = _shift_of(x)
-    mean = np.empty(channels)
-    m2 = np.empty(channels)
-    var = np.empty(channels)
-    consts = np.empty((4, channels), x.dtype)
-    group = _group_channels(outer, inner, x.itemsize, 1, channels, group_bytes)
-    part_s = np.empty(group * _geometry(outer, inner)[3])
-    part_q = np.empty(part_s.size)
-    # as _chw_backward, for float32 data (its moments are the float32 ones of _span_moments32)
-    overlapped = overlap and stream and inner >= OVERLAP_FROM and _is_float32(x)
-    c0 = e0 = e1 = np.int64(0)  # [e0, e1): the group whose output is due
-    while c0 < channels or e0 < e1:
-        c1 = min(channels, c0 + group)
-        if overlapped:
-            _chw_overlap(None, x, x, np.bool_(False), shift, c0, c1, part_s,
-                         part_q, consts, residual, has_res, relu, np.bool_(True), out, e0, e1)
-            _chw_merged(x, shift, c0, c1, part_s, part_q, mean, m2)
-        else:
-            _chw_stats(x, shift, c0, c1, part_s, part_q, mean, m2)
-        _affine_constants(mean, m2, np.float64(outer * inner), weight, bias, eps, var, consts,
-                          c0, c1)
-        if not overlapped:
-            _chw_normalize(x, consts, residual, has_res, relu, out, c0, c1, stream)
-        e0 = c0 if overlapped else c1
-        e1 = c1
-        c0 = c1
-    return mean, var
-
-
-@njit(**_JIT)
-def _chw_backward(dy, x, mean, invstd, weight, output, has_out, training, out, stream,
-                  group_bytes, overlap):
-    outer, channels, inner = x.shape
-    bpc = _geometry(outer, inner)[3]
-    sum_dy = np.empty(channels)
-    sum_dy_xmu = np.empty(channels)
-    consts = np.empty((5, channels), x.dtype)
-    group = _group_channels(outer, inner, x.itemsize, 3 if has_out else 2, channels,
-                            group_bytes)
-    part_s = np.empty(group * bpc)
-    part_q = np.empty(part_s.size)
-    overlapped = overlap and stream and inner >= OVERLAP_FROM
-    c0 = e0 = e1 = np.int64(0)  # [e0, e1): the group whose dx is due (see OVERLAP)
-    while c0 < channels or e0 < e1:
-        c1 = min(channels, c0 + group)
-        if overlapped:
-            _chw_overlap(dy, x, output, has_out, mean, c0, c1, part_s, part_q,
-                         consts, x, np.bool_(False), np.bool_(False), training, out, e0, e1)
-        else:
-            _chw_partials(dy, x, output, has_out, mean, c0, c1, part_s,
-                          part_q)
-        for c in range(c0, c1):
-            base = (c - c0) * bpc
-            sum_dy[c] = part_s[base:base + bpc].sum()
-            sum_dy_xmu[c] = part_q[base:base + bpc].sum()
-        _grad_constants(c0, c1, np.float64(outer * inner), mean, invstd, weight, sum_dy,
-                        sum_dy_xmu, consts)
-        if not overlapped:
-            _chw_dx(dy, x, output, has_out, training, consts, out, c0, c1, stream)
-        e0 = c0 if overlapped else c1
-        e1 = c1
-        c0 = c1
-    return sum_dy, sum_dy_xmu
-
-
 # ------------------------------------------------------------------------- channels-last kernels
 
 @njit(**_PARALLEL)
@@ -1873,9 +1759,8 @@ def _hwc_normalize(x, consts, residual, has_res, relu, out, stream):
 
 
 @njit(**_PARALLEL)
-def _hwc_backward(dy, x, mean, invstd, weight, output, has_out, training, out, stream,
-                  group_bytes):
-    """Channels-last backward (group_bytes: unused, the interface of _chw_backward)."""
+def _hwc_backward(dy, x, mean, invstd, weight, output, has_out, training, out, stream):
+    """Channels-last backward."""
     outer, channels, _ = x.shape
     dyf = dy.reshape(dy.size)
     xf = x.reshape(x.size)
@@ -1924,18 +1809,6 @@ def _hwc_backward(dy, x, mean, invstd, weight, output, has_out, training, out, s
             _dx_rows(dyf, xf, of, dxf, r0 * channels, rows, channels, channels, has_out,
                      training, consts, zero)
     return sum_dy, sum_dy_xmu
-
-
-@njit(**_JIT)
-def _hwc_train(x, weight, bias, eps, residual, has_res, relu, out, stream, group_bytes):
-    """Channels-last training forward (group_bytes: unused, the interface of _chw_train)."""
-    outer, channels, _ = x.shape
-    mean, m2 = _hwc_moments(x, stream)
-    var = np.empty(channels)
-    consts = np.empty((4, channels), x.dtype)
-    _affine_constants(mean, m2, np.float64(outer), weight, bias, eps, var, consts, 0, channels)
-    _hwc_normalize(x, consts, residual, has_res, relu, out, stream)
-    return mean, var
 
 
 # ----------------------------------------------------------------------------- public interface
@@ -2040,41 +1913,161 @@ def normalize(x, mean, scale, shift, residual, relu, out, num_threads=1):
 
 def _normalize_with(x, consts, residual, relu, out, num_threads):
     """normalize with its constants built (see _norm_constants)."""
-    args = (x, consts, x if residual is None else residual, residual is not None, bool(relu), out)
-    if x.shape[2] == 1:
-        _run(num_threads, _hwc_normalize, None, *args, _streamed(out))
-    else:
-        _run(num_threads, _chw_normalize, None, *args, 0, x.shape[1], _streamed(out))
+    kernel = _specialized(_normalize_as, x.shape[2] == 1, residual is not None, bool(relu),
+                          _streamed(out))
+    _run(num_threads, kernel, None, x, consts, x if residual is None else residual, out)
 
 
 def train_forward(x, weight, bias, eps, residual, relu, out, num_threads=1):
     """Normalize with the batch statistics; return (mean, biased var)."""
     if x.shape[1] == 0:  # no channels: nothing to normalize (the block sizes divide by C)
         return np.zeros(0), np.zeros(0)
-    args = (x, weight, bias, float(eps), x if residual is None else residual,
-            residual is not None, bool(relu), out, _streamed(out), GROUP_BYTES)
 
-    def fallback(x, w, b, e, r, has_res, relu, o, *_):
-        return _reference().train_forward(x, w, b, e, r if has_res else None, relu, o)
+    def fallback(*_):
+        return _reference().train_forward(x, weight, bias, eps, residual, relu, out)
 
+    args = (x, weight, bias, float(eps), x if residual is None else residual, out)
+    flags = (residual is not None, bool(relu), _streamed(out))
     if x.shape[2] == 1:
-        return _run(num_threads, _hwc_train, fallback, *args)
-    return _run(num_threads, _chw_train, fallback, *args, OVERLAP)
+        return _run(num_threads, _specialized(_hwc_train_as, *flags), fallback, *args)
+    return _run(num_threads, _specialized(_chw_train_as, *flags), fallback, *args, GROUP_BYTES,
+                OVERLAP)
 
 
 def backward(dy, x, mean, invstd, weight, output, training, out, num_threads=1):
     """Gradient of batch norm; returns (sum_dy, sum_dy_xmu) (see :mod:`fastbn._reference`)."""
     if x.size == 0:
         return np.zeros(x.shape[1]), np.zeros(x.shape[1])
-    args = (dy, x, mean, invstd, weight, x if output is None else output, output is not None,
-            bool(training), out, _streamed(out), GROUP_BYTES)
 
-    def fallback(dy, x, m, i, w, o, has_out, t, out, *_):
-        return _reference().backward(dy, x, m, i, w, o if has_out else None, t, out)
+    def fallback(*_):
+        return _reference().backward(dy, x, mean, invstd, weight, output, training, out)
 
-    if x.shape[2] == 1:
-        return _run(num_threads, _hwc_backward, fallback, *args)
-    return _run(num_threads, _chw_backward, fallback, *args, OVERLAP)
+    args = (dy, x, mean, invstd, weight, x if output is None else output)
+    if x.shape[2] == 1:  # (no loop compiled for the flags)
+        return _run(num_threads, _hwc_backward, fallback, *args, output is not None,
+                    bool(training), out, _streamed(out))
+    kernel = _specialized(_chw_backward_as, output is not None, bool(training),
+                          _streamed(out))
+    return _run(num_threads, kernel, fallback, *args, out, GROUP_BYTES, OVERLAP)
+
+
+# ----------------------------------------------------------------------------- entries
+# The flags of a call (residual, ReLU, ReLU mask, training, streamed stores, layout) select
+# the loops compiled for them deep inside the kernels (_norm_rows, _seg_vectors). As run-time
+# values at the kernels' entry they made every call compile every combination it might take:
+# float32 channels-first inference 10.4 -> 26.6 s from an empty cache. So Python calls an
+# entry compiled for its flags: a closure over them (Numba types a closure's variables as
+# literals, and its disk cache tells closures apart by their variables' values), one
+# dispatcher per combination, made when first used. (numba.literally would also make them
+# literals, but every call of a dispatcher that uses it takes the compiler's slow path, 3 ms.)
+
+_entries: dict = {}
+
+
+def _specialized(make, *flags):
+    """The entry `make(*flags)`, compiled lazily."""
+    key = (make, flags)
+    entry = _entries.get(key)
+    if entry is None:
+        entry = _entries.setdefault(key, njit(**_JIT)(make(*flags)))
+    return entry
+
+
+def _normalize_as(channels_last, has_res, relu, stream):
+    def normalize(x, consts, residual, out):
+        if channels_last:
+            _hwc_normalize(x, consts, residual, has_res, relu, out, stream)
+        else:
+            _chw_normalize(x, consts, residual, has_res, relu, out, np.int64(0), x.shape[1],
+                           stream)
+    return normalize
+
+
+def _hwc_train_as(has_res, relu, stream):
+    def hwc_train(x, weight, bias, eps, residual, out):
+        outer, channels, _ = x.shape
+        mean, m2 = _hwc_moments(x, np.bool_(stream))
+        var = np.empty(channels)
+        consts = np.empty((4, channels), x.dtype)
+        _affine_constants(mean, m2, np.float64(outer), weight, bias, eps, var, consts, 0,
+                          channels)
+        _hwc_normalize(x, consts, residual, has_res, relu, out, stream)
+        return mean, var
+    return hwc_train
+
+
+def _chw_train_as(has_res, relu, stream):
+    # The flags that select no compiled loop are passed as np.bool_ (not literals), so that
+    # what they reach compiles once for all of them.
+    def chw_train(x, weight, bias, eps, residual, out, group_bytes, overlap):
+        outer, channels, inner = x.shape
+        shift = _shift_of(x)
+        mean = np.empty(channels)
+        m2 = np.empty(channels)
+        var = np.empty(channels)
+        consts = np.empty((4, channels), x.dtype)
+        group = _group_channels(outer, inner, x.itemsize, 1, channels, group_bytes)
+        part_s = np.empty(group * _geometry(outer, inner)[3])
+        part_q = np.empty(part_s.size)
+        # as chw_backward, for float32 data (its moments: the float32 ones of _span_moments32)
+        overlapped = stream and overlap and inner >= OVERLAP_FROM and _is_float32(x)
+        c0 = e0 = e1 = np.int64(0)  # [e0, e1): the group whose output is due
+        while c0 < channels or e0 < e1:
+            c1 = min(channels, c0 + group)
+            if stream and overlapped:
+                _chw_overlap(None, x, x, np.bool_(False), shift, c0, c1, part_s, part_q, consts,
+                             residual, np.bool_(has_res), np.bool_(relu), np.bool_(True), out, e0,
+                             e1)
+                _chw_merged(x, shift, c0, c1, part_s, part_q, mean, m2)
+            else:
+                _chw_stats(x, shift, c0, c1, part_s, part_q, mean, m2)
+            _affine_constants(mean, m2, np.float64(outer * inner), weight, bias, eps, var, consts,
+                              c0, c1)
+            if not overlapped:
+                _chw_normalize(x, consts, residual, has_res, relu, out, c0, c1, stream)
+            e0 = c0 if overlapped else c1
+            e1 = c1
+            c0 = c1
+        return mean, var
+    return chw_train
+
+
+def _chw_backward_as(has_out, training, stream):
+    def chw_backward(dy, x, mean, invstd, weight, output, out, group_bytes, overlap):
+        outer, channels, inner = x.shape
+        bpc = _geometry(outer, inner)[3]
+        sum_dy = np.empty(channels)
+        sum_dy_xmu = np.empty(channels)
+        consts = np.empty((5, channels), x.dtype)
+        group = _group_channels(outer, inner, x.itemsize, 3 if has_out else 2, channels,
+                                group_bytes)
+        part_s = np.empty(group * bpc)
+        part_q = np.empty(part_s.size)
+        # `stream` tested first, and again at the call: a constant, so that without it the
+        # overlapped pass is not compiled
+        overlapped = stream and overlap and inner >= OVERLAP_FROM
+        c0 = e0 = e1 = np.int64(0)  # [e0, e1): the group whose dx is due (see OVERLAP)
+        while c0 < channels or e0 < e1:
+            c1 = min(channels, c0 + group)
+            if stream and overlapped:
+                _chw_overlap(dy, x, output, np.bool_(has_out), mean, c0, c1, part_s, part_q,
+                             consts, x, np.bool_(False), np.bool_(False), np.bool_(training), out,
+                             e0, e1)
+            else:
+                _chw_partials(dy, x, output, np.bool_(has_out), mean, c0, c1, part_s, part_q)
+            for c in range(c0, c1):
+                base = (c - c0) * bpc
+                sum_dy[c] = part_s[base:base + bpc].sum()
+                sum_dy_xmu[c] = part_q[base:base + bpc].sum()
+            _grad_constants(c0, c1, np.float64(outer * inner), mean, invstd, weight, sum_dy,
+                            sum_dy_xmu, consts)
+            if not overlapped:
+                _chw_dx(dy, x, output, has_out, training, consts, out, c0, c1, stream)
+            e0 = c0 if overlapped else c1
+            e1 = c1
+            c0 = c1
+        return sum_dy, sum_dy_xmu
+    return chw_backward
 
 
 # ----------------------------------------------------------------------------- fast path

@@ -210,9 +210,13 @@ def test_multiprocessing_fork_pool_after_use():
 
 def test_compiled_kernels_are_cached_on_disk():
     # cache=True on every kernel: a second process loads them instead of compiling.
-    for name in ("_chw_train", "_hwc_moments", "_chw_backward", "_lanes_moments"):
-        assert getattr(numba_kernels, name)._cache is not None
-        assert type(getattr(numba_kernels, name)._cache).__name__ == "FunctionCache"
+    kernels = [getattr(numba_kernels, name)
+               for name in ("_chw_normalize", "_hwc_moments", "_chw_partials", "_lanes_moments")]
+    # and the entries compiled for a combination of flags (closures)
+    kernels += [numba_kernels._specialized(make, True, False, True)
+                for make in (numba_kernels._chw_train_as, numba_kernels._chw_backward_as)]
+    for kernel in kernels:
+        assert type(kernel._cache).__name__ == "FunctionCache"
 
 
 _KIND_SCRIPT = """
@@ -260,6 +264,41 @@ def test_sums_compile_only_their_own_kind(tmp_path, kind):
     gradient = {"_grad_sums", "_span_grad32", "_dx_rows"}
     for name, count in compiled.items():
         assert (count > 0) == ((name in gradient) == (kind == "gradient")), compiled
+
+
+_FLAGS_SCRIPT = """
+import sys
+import numpy as np
+import fastbn
+from fastbn import _numba_kernels as nk
+
+x = np.random.default_rng(0).standard_normal((2, 24, 9, 9)).astype(np.float32)
+if sys.argv[1] == "relu":
+    fastbn.affine(x, np.ones(24), np.zeros(24), activation="relu", backend="numba")
+else:
+    fastbn.batch_norm(x, np.zeros(24), np.ones(24), training=False, backend="numba")
+for name in ("_chw_normalize", "_norm_rows", "_norm_seg_run", "_hwc_normalize"):
+    for signature in getattr(nk, name).signatures:
+        print(name, *(str(t) for t in signature if "bool" in str(t)))
+"""
+
+
+@pytest.mark.parametrize("activation", ["none", "relu"])
+def test_a_call_compiles_only_its_own_flags(tmp_path, activation):
+    # The loops compiled per flag combination (residual, ReLU, streamed stores) are compiled
+    # only for the flags of the calls made: the entry of a call is compiled for its flags as
+    # constants (_specialized), which reach those loops as literals. From an empty cache.
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
+    result = subprocess.run([sys.executable, "-c", _FLAGS_SCRIPT, activation], timeout=600,
+                            env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    relu = f"Literal[bool]({activation == 'relu'})"
+    compiled = [line.split() for line in result.stdout.split("\n") if line]
+    assert {line[0] for line in compiled} == {"_chw_normalize", "_norm_rows", "_norm_seg_run"}
+    for name, *flags in compiled:
+        # has_res, relu (and stream) in the order of the arguments
+        assert flags[:2] == ["Literal[bool](False)", relu], compiled
+        assert all(flag.startswith("Literal[bool]") for flag in flags), compiled
 
 
 def _offset_empty(shape, dtype, offset):
