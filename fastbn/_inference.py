@@ -19,7 +19,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from ._api import (Activation, _as_data, _channel_vector, _check_activation, _check_real,
-                   _compute_dtype, _Output, _prepare_input, _same_shape_operand)
+                   _compute_dtype, _fast_path, _Output, _prepare_input, _same_shape_operand)
 from ._backends import get_backend
 from ._threads import get_num_threads
 
@@ -125,6 +125,12 @@ def affine(input: ArrayLike, scale: ArrayLike, shift: ArrayLike, *, axis: int = 
     array([[ 2.,  3.],
            [ 4., -3.]], dtype=float32)
     """
+    if residual is None:
+        fast = _fast_path("fast_affine", backend)
+        if fast is not None:
+            y = fast(input, scale, shift, axis, out, activation, get_num_threads())
+            if y is not None:
+                return y
     module = get_backend(backend)
     x, result_dtype, compute_dtype, axis, dims = _prepare_input(input, axis)
     channels = dims[1]

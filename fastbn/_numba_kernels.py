@@ -2185,6 +2185,37 @@ def _update_running(running_mean, running_var, mean, var, factor, momentum):
                           + momentum * (var[c] * factor))
 
 
+@njit(**_JIT)
+def _scale_shift_constants(scale, shift, channels, dtype):
+    """The constants of normalize with a zero mean (see _norm_constants), a new array of x's
+    dtype: the general path of fastbn.affine."""
+    consts = np.zeros((4, channels), dtype)
+    for c in range(channels):
+        consts[2, c] = 1.0 if scale is None else np.float64(scale[c])
+        consts[3, c] = 0.0 if shift is None else np.float64(shift[c])
+    return consts
+
+
+def fast_affine(input, scale, shift, axis, out, activation, num_threads):
+    """affine without a residual for the common case (as fast_batch_norm in inference), or
+    None when the general path must handle the call."""
+    if _forked_gnu_omp or not (_plain(input) and input.ndim >= 2 and input.size > 0):
+        return None
+    if activation is not None and not (type(activation) is str and activation == "relu"):
+        return None
+    dims = _dims(input, axis)
+    if dims is None or not (_vector_ok(scale, dims[1]) and _vector_ok(shift, dims[1])):
+        return None
+    if out is None:
+        out = np.empty_like(input)
+    elif not _writable_like(out, input, (input,)):
+        return None
+    consts = _scale_shift_constants(scale, shift, dims[1], input.dtype)
+    _normalize_with(input.reshape(dims), consts, None, activation is not None,
+                    out.reshape(dims), num_threads)
+    return out
+
+
 def fast_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
                     axis, out, activation, num_threads, stats=None):
     """batch_norm for the common case, or None when the general path must handle the call.

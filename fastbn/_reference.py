@@ -12,8 +12,8 @@ Backend interface (the fast backends implement the same four functions)::
     train_forward(x, weight, bias, eps, residual, relu, out, num_threads) -> (mean, var)
     backward(dy, x, mean, invstd, weight, output, training, out, num_threads) -> (sum_dy, sum_dy_xmu)
 
-A fast backend may also have ``fast_batch_norm`` and ``fast_batch_norm_backward``: the public
-functions' whole call for common arguments (C-contiguous native float32/float64 arrays,
+A fast backend may also have ``fast_batch_norm``, ``fast_batch_norm_backward`` and
+``fast_affine``: the public functions' whole call for common arguments (C-contiguous native float32/float64 arrays,
 per-channel ndarrays), returning None for any other call, which then takes the general path.
 """
 from __future__ import annotations

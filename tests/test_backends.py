@@ -556,10 +556,8 @@ def test_fast_path_backward_declines(fast_backend, rng, case):
         weight = np.ones(4)
     elif case == "readonly_out":
         out.flags.writeable = False
-    elif case == "activation_object":  # equal to "relu" without being a str
-        activation, output = type("R", (), {"__eq__": lambda s, o: o == "relu",
-                                            "__ne__": lambda s, o: o != "relu",
-                                            "__hash__": object.__hash__})(), x.copy()
+    elif case == "activation_object":
+        activation, output = _RELU_LIKE, x.copy()
     elif case == "axis":
         axis = 3
     elif case == "numpy_bool":
@@ -579,6 +577,109 @@ def test_fast_path_backward_declines(fast_backend, rng, case):
                          2) is None
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("param_dtype", [np.float32, np.float64, None])
+@pytest.mark.parametrize("axis", [0, 1, -1])
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("out", ["none", "given", "inplace"])
+def test_fast_affine_equals_general_path(monkeypatch, fast_backend, rng, dtype, param_dtype,
+                                         axis, relu, out):
+    """fastbn.affine's fast argument handling against the general path: taken for these
+    common calls (scale and shift float32, float64 or None), the same bits, into `out`."""
+    from fastbn import _api
+    fast = fastbn._backends.get_backend(fast_backend).fast_affine
+    taken = []
+
+    def spy(*args):
+        result = fast(*args)
+        taken.append(result is not None)
+        return result
+
+    shape = (5, 6, 7, 3)
+    x = make(rng, shape, dtype, offset=2.0)
+    scale = shift = None
+    if param_dtype is not None:
+        scale = rng.standard_normal(shape[axis]).astype(param_dtype)
+        shift = rng.standard_normal(shape[axis]).astype(param_dtype)
+    results = []
+    for path in (spy, None):
+        monkeypatch.setitem(_api._FAST_PATHS, ("fast_affine", fast_backend), path)
+        data = x.copy()
+        target = {"none": None, "given": np.empty_like(data), "inplace": data}[out]
+        y = fastbn.affine(data, scale, shift, axis=axis, out=target,
+                          activation="relu" if relu else None, backend=fast_backend)
+        if target is not None:
+            assert y is target
+        results.append(y)
+    assert taken == [True]
+    assert results[0].dtype == results[1].dtype == dtype
+    assert results[0].tobytes() == results[1].tobytes()
+    want = x * (1.0 if scale is None else scale.reshape([-1] + [1] * (3 - axis % 4)))
+    want = want + (0.0 if shift is None else shift.reshape([-1] + [1] * (3 - axis % 4)))
+    np.testing.assert_allclose(results[0], np.maximum(want, 0) if relu else want,
+                               rtol=TOL[dtype], atol=10 * TOL[dtype])
+
+
+def _awkward_input(case, rng):
+    """(x, out) of shape (4, 3, 5) for the input cases every fast path declines (see below),
+    plain float64 arrays for the other cases."""
+    x = rng.standard_normal((4, 3, 5))
+    out = np.empty_like(x)
+    if case == "strided":
+        x = np.asfortranarray(x)
+    elif case == "float16":
+        x, out = x.astype(np.float16), None
+    elif case == "byteswapped":
+        x, out = x.astype(x.dtype.newbyteorder()), None
+    elif case == "subclass":
+        x = x.view(_Subclass)
+    elif case == "overlap":  # out one element past the input
+        buffer = rng.standard_normal(x.size + 1)
+        x, out = buffer[:-1].reshape(x.shape), buffer[1:].reshape(x.shape)
+    elif case == "empty":
+        x, out = x[:0], out[:0]
+    return x, out
+
+
+# equal to "relu" without being a str
+_RELU_LIKE = type("R", (), {"__eq__": lambda s, o: o == "relu",
+                            "__ne__": lambda s, o: o != "relu",
+                            "__hash__": object.__hash__})()
+
+
+@pytest.mark.parametrize("case", ["strided", "float16", "byteswapped", "subclass", "list_scale",
+                                  "int_scale", "bad_shift", "out_dtype", "overlap", "readonly_out",
+                                  "axis", "numpy_axis", "empty", "one_dim", "activation_object"])
+def test_fast_affine_declines(fast_backend, rng, case):
+    """affine calls the fast path does not handle return None before they change anything (the
+    general path takes them, and raises for the invalid ones)."""
+    fast = fastbn._backends.get_backend(fast_backend).fast_affine
+    x, out = _awkward_input(case, rng)
+    scale, shift, axis, activation = np.ones(3), np.zeros(3), 1, None
+    if case == "activation_object":
+        activation = _RELU_LIKE
+    elif case == "list_scale":
+        scale = [1.0, 2.0, 3.0]
+    elif case == "int_scale":
+        scale = np.ones(3, np.int64)
+    elif case == "bad_shift":
+        shift = np.zeros(4)
+    elif case == "out_dtype":
+        out = np.empty(x.shape, np.float32)
+    elif case == "readonly_out":
+        out.flags.writeable = False
+    elif case == "axis":
+        axis = 3
+    elif case == "numpy_axis":
+        axis = np.int64(1)
+    elif case == "one_dim":
+        x, out, scale, shift = x.ravel(), None, None, None
+    before = [None if a is None else a.copy() for a in (x, out)]
+    assert fast(x, scale, shift, axis, out, activation, 2) is None
+    for a, b in zip((x, out), before):
+        assert (a is None and b is None) or a.tobytes() == b.tobytes()
+
+
 @pytest.mark.parametrize("case", ["strided", "float16", "byteswapped", "subclass", "list_weight",
                                   "float32_stats_out", "numpy_float_eps", "negative_eps",
                                   "momentum_above_one", "one_value", "overlap", "readonly_stat",
@@ -588,17 +689,11 @@ def test_fast_path_declines(fast_backend, rng, case):
     """Forward calls the fast path does not handle return None before they change anything
     (the general path takes them, and raises for the invalid ones)."""
     fast = fastbn._backends.get_backend(fast_backend).fast_batch_norm
-    x = rng.standard_normal((4, 3, 5))
-    rm, rv, weight, out, stats = np.zeros(3), np.ones(3), None, np.empty_like(x), None
+    x, out = _awkward_input(case, rng)
+    rm, rv, weight, stats = np.zeros(3), np.ones(3), None, None
     training, momentum, eps, axis, activation = True, 0.1, 1e-5, 1, None
-    if case == "strided":
-        x = np.asfortranarray(x)
-    elif case == "float16":
-        x, out = x.astype(np.float16), None
-    elif case == "byteswapped":
-        x, out = x.astype(x.dtype.newbyteorder()), None
-    elif case == "subclass":
-        x = x.view(_Subclass)
+    if case == "activation_object":
+        activation = _RELU_LIKE
     elif case == "list_weight":
         weight = [1.0, 2.0, 3.0]
     elif case == "float32_stats_out":  # out of another dtype than the input
@@ -611,9 +706,6 @@ def test_fast_path_declines(fast_backend, rng, case):
         momentum = 1.5
     elif case == "one_value":
         x, out = x[:1, :, :1], None
-    elif case == "overlap":  # out one element past the input
-        buffer = rng.standard_normal(x.size + 1)
-        x, out = buffer[:-1].reshape(x.shape), buffer[1:].reshape(x.shape)
     elif case == "readonly_stat":
         rv.flags.writeable = False
     elif case == "one_stat":
@@ -624,12 +716,6 @@ def test_fast_path_declines(fast_backend, rng, case):
         weight = np.ones(4)
     elif case == "axis":
         axis = 3
-    elif case == "empty":
-        x, out = x[:0], out[:0]
-    elif case == "activation_object":  # equal to "relu" without being a str
-        activation = type("R", (), {"__eq__": lambda s, o: o == "relu",
-                                    "__ne__": lambda s, o: o != "relu",
-                                    "__hash__": object.__hash__})()
     elif case == "bad_stats_buffer":
         stats = np.empty((2, 4))
     before = [None if a is None else a.copy() for a in (x, rm, rv, out)]
