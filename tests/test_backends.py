@@ -371,6 +371,15 @@ def test_large_outputs_match_reference(fast_backend, shape, axis):
         assert_close(got, want, np.float32)
 
 
+def _spy(fast, taken):
+    """`fast`, recording in `taken` whether each call took the fast path."""
+    def spy(*args):
+        result = fast(*args)
+        taken.append(result is not None)
+        return result
+    return spy
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("stat_dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("axis", [0, 1, -1])
@@ -385,12 +394,7 @@ def test_fast_path_equals_general_path(monkeypatch, fast_backend, rng, dtype, st
     from fastbn import _api
     fast = fastbn._backends.get_backend(fast_backend).fast_batch_norm
     taken = []
-
-    def spy(*args):
-        result = fast(*args)
-        taken.append(result is not None)
-        return result
-
+    spy = _spy(fast, taken)
     monkeypatch.setitem(_api._FAST_PATHS, ("fast_batch_norm", fast_backend), spy)
     shape = (5, 6, 7, 3)
     x = make(rng, shape, dtype, offset=2.0)
@@ -438,12 +442,7 @@ def test_fast_path_backward_equals_general_path(monkeypatch, fast_backend, rng, 
                                         activation="relu", return_stats=True)
     mean, invstd = mean.astype(stat_dtype), invstd.astype(stat_dtype)
     taken = []
-
-    def spy(*args):
-        result = fast_backward(*args)
-        taken.append(result is not None)
-        return result
-
+    spy = _spy(fast_backward, taken)
     results = []
     for fast in (spy, None):
         monkeypatch.setitem(_api._FAST_PATHS, ("fast_batch_norm_backward", fast_backend), fast)
@@ -589,12 +588,7 @@ def test_fast_affine_equals_general_path(monkeypatch, fast_backend, rng, dtype, 
     from fastbn import _api
     fast = fastbn._backends.get_backend(fast_backend).fast_affine
     taken = []
-
-    def spy(*args):
-        result = fast(*args)
-        taken.append(result is not None)
-        return result
-
+    spy = _spy(fast, taken)
     shape = (5, 6, 7, 3)
     x = make(rng, shape, dtype, offset=2.0)
     scale = shift = None
