@@ -707,14 +707,6 @@ cdef extern from *:
     #define FASTBN_DX_SEG(SUF, X, OUT, STREAM)                                                  \
         fastbn_dx_seg_body_##SUF(dy, (X) ? x : NULL, (OUT) ? out : NULL, dx, n, a, hi, lo, b,   \
                                  cc, seg, STREAM);
-    #define FASTBN_WIDE_PERIOD 64  /* channels-last rows this wide: see fastbn_affine_run */
-    /* Channels-last rows taken two at a time (each parameter vector loaded once for both): rows
-       of at most 512 bytes in the cache. Measured on Zen 4, same process, x copy: 8x56x56x64
-       inference 1.23-1.39 -> 0.89-1.01, backward 2.69-2.80 -> 2.34-2.42; but 32x14x14x576
-       (2.3 KB rows) inference 1.10-1.14 -> 1.23-1.30, backward 2.95-3.21 -> 3.39-3.53, and
-       streamed 32x112x112x64 1.17-1.94 -> 1.23-2.05. */
-    #define FASTBN_TWO_ROWS(stream, period, T)                                                  \
-        (!(stream) && (period) >= FASTBN_WIDE_PERIOD && (period) * sizeof(T) <= 512)
     #define FASTBN_ELEMENTWISE(SUF, T, V, M, LANES)                                            \
     static inline V fastbn_load_##SUF(const T *p) { V v; memcpy(&v, p, sizeof v); return v; }   \
     static inline void fastbn_store_##SUF(T *p, V v, int stream) {                              \
@@ -763,33 +755,11 @@ cdef extern from *:
         Py_ssize_t end, i = fastbn_body_##SUF(y, n, stream, &end);                              \
         Py_ssize_t c = fastbn_affine_scalar_##SUF(x, y, r, relu, 0, i, hi, lo, s, t, period,   \
                                                   phase);                                       \
-        if (FASTBN_TWO_ROWS(stream, period, T) && period % LANES == 0 && c == 0) {              \
-            /* Two whole rows per pass: each parameter vector loaded once for both (from the    \
-               cache, loads are what limits this loop). */                                      \
-            Py_ssize_t k;                                                                       \
-            for (; i + 2 * period <= end; i += 2 * period)                                      \
-                for (k = 0; k < period; k += LANES) {                                           \
-                    H = fastbn_load_##SUF(hi + k); L = fastbn_load_##SUF(lo + k);               \
-                    S = fastbn_load_##SUF(s + k); U = fastbn_load_##SUF(t + k);                 \
-                    fastbn_store_##SUF(y + i + k, fastbn_affine_vec_##SUF(                      \
-                        x + i + k, r ? r + i + k : NULL, relu, H, L, S, U), stream);            \
-                    fastbn_store_##SUF(y + i + period + k, fastbn_affine_vec_##SUF(             \
-                        x + i + period + k, r ? r + i + period + k : NULL, relu, H, L, S, U),   \
-                        stream);                                                                \
-                }                                                                               \
-        }                                                                                       \
-        while (period >= FASTBN_WIDE_PERIOD && i < end) {                                       \
-            /* Wide rows, row by row: no wrap test per vector (small NHWC tensors from the    \
-               cache: 8x56x56x64 inference 120 -> 85 us, 32x14x14x576 324 -> 243 us). */       \
-            Py_ssize_t stop = i + (period - c + LANES - 1) / LANES * LANES;                     \
-            if (stop > end) stop = end;                                                         \
-            for (; i < stop; i += LANES, c += LANES)                                            \
-                fastbn_store_##SUF(y + i, fastbn_affine_vec_##SUF(                              \
-                    x + i, r ? r + i : NULL, relu, fastbn_load_##SUF(hi + c),                   \
-                    fastbn_load_##SUF(lo + c), fastbn_load_##SUF(s + c),                        \
-                    fastbn_load_##SUF(t + c)), stream);                                         \
-            if (c >= period) c -= period;                                                       \
-        }                                                                                       \
+        /* One loop for every period: loops row by row (and two rows at a time) for rows of 64  \
+           channels or more were slower on Zen 4, float32, x copy, interleaved builds:          \
+           inference 401408x64 1.74 -> 1.18 (streamed), 25088x64 1.24 -> 0.95 (cached);        \
+           backward 401408x64 3.33 -> 2.62; training 401408x64 2.49 -> 1.79; rows of 256 to   \
+           2048 channels unchanged. */                                                          \
         for (; i < end; i += LANES) {                                                           \
             if (period > 1) {                                                                   \
                 H = fastbn_load_##SUF(hi + c); L = fastbn_load_##SUF(lo + c);                   \
@@ -852,31 +822,6 @@ cdef extern from *:
         Py_ssize_t end, i = fastbn_body_##SUF(dx, n, stream, &end);                             \
         Py_ssize_t c = fastbn_dx_scalar_##SUF(dy, x, out, dx, 0, i, a, hi, lo, b, cc, period,  \
                                               phase);                                           \
-        if (FASTBN_TWO_ROWS(stream, period, T) && period % LANES == 0 && c == 0) {              \
-            Py_ssize_t k;  /* as in fastbn_affine_any */                                        \
-            for (; i + 2 * period <= end; i += 2 * period)                                      \
-                for (k = 0; k < period; k += LANES) {                                           \
-                    A = fastbn_load_##SUF(a + k); H = fastbn_load_##SUF(hi + k);                \
-                    L = fastbn_load_##SUF(lo + k); B = fastbn_load_##SUF(b + k);                \
-                    Q = fastbn_load_##SUF(cc + k);                                              \
-                    fastbn_store_##SUF(dx + i + k, fastbn_dx_vec_##SUF(                         \
-                        dy + i + k, x ? x + i + k : NULL, out ? out + i + k : NULL,             \
-                        A, H, L, B, Q), stream);                                                \
-                    fastbn_store_##SUF(dx + i + period + k, fastbn_dx_vec_##SUF(                \
-                        dy + i + period + k, x ? x + i + period + k : NULL,                     \
-                        out ? out + i + period + k : NULL, A, H, L, B, Q), stream);             \
-                }                                                                               \
-        }                                                                                       \
-        while (period >= FASTBN_WIDE_PERIOD && i < end) {  /* as in fastbn_affine_run */        \
-            Py_ssize_t stop = i + (period - c + LANES - 1) / LANES * LANES;                     \
-            if (stop > end) stop = end;                                                         \
-            for (; i < stop; i += LANES, c += LANES)                                            \
-                fastbn_store_##SUF(dx + i, fastbn_dx_vec_##SUF(                                 \
-                    dy + i, x ? x + i : NULL, out ? out + i : NULL, fastbn_load_##SUF(a + c),   \
-                    fastbn_load_##SUF(hi + c), fastbn_load_##SUF(lo + c),                       \
-                    fastbn_load_##SUF(b + c), fastbn_load_##SUF(cc + c)), stream);              \
-            if (c >= period) c -= period;                                                       \
-        }                                                                                       \
         for (; i < end; i += LANES) {                                                           \
             if (period > 1) {                                                                   \
                 A = fastbn_load_##SUF(a + c); H = fastbn_load_##SUF(hi + c);                    \
