@@ -36,7 +36,7 @@ from libc.string cimport memcpy
 cimport numpy as cnp
 import numpy as np
 
-from ._config import channel_group_bytes, last_level_cache_bytes, streamed_store_alias_stall
+from ._config import channel_group_bytes, stream_above_bytes, streamed_store_alias_stall
 
 cnp.import_array()
 
@@ -755,11 +755,12 @@ cdef extern from *:
         Py_ssize_t end, i = fastbn_body_##SUF(y, n, stream, &end);                              \
         Py_ssize_t c = fastbn_affine_scalar_##SUF(x, y, r, relu, 0, i, hi, lo, s, t, period,   \
                                                   phase);                                       \
-        /* One loop for every period: loops row by row (and two rows at a time) for rows of 64  \
-           channels or more were slower on Zen 4, float32, x copy, interleaved builds:          \
-           inference 401408x64 1.74 -> 1.18 (streamed), 25088x64 1.24 -> 0.95 (cached);        \
-           backward 401408x64 3.33 -> 2.62; training 401408x64 2.49 -> 1.79; rows of 256 to   \
-           2048 channels unchanged. */                                                          \
+        /* One loop for every period. Loops row by row (and two rows at a time) for rows of 64  \
+           channels or more were slower on an Intel Xeon (2 MB L2), float32, 2 threads, outputs \
+           not streamed, x copy, interleaved builds: inference 401408x64 1.74 -> 1.18,          \
+           25088x64 1.24 -> 0.95; training 401408x64 2.49 -> 1.79; backward 3.33 -> 2.62; rows \
+           of 256 to 2048 channels unchanged. (On a Zen 4 the two-rows loop had made cached      \
+           25088x64 inference 1.23-1.39 -> 0.89-1.01, but 6272x576 1.10-1.14 -> 1.23-1.30.) */   \
         for (; i < end; i += LANES) {                                                           \
             if (period > 1) {                                                                   \
                 H = fastbn_load_##SUF(hi + c); L = fastbn_load_##SUF(lo + c);                   \
@@ -1291,10 +1292,10 @@ cdef Py_ssize_t MIN_BLOCK_ROWS = 32
 cdef Py_ssize_t CHANNEL_TILE = 512       # channels-last float64 data: accumulators stay in L1
 cdef Py_ssize_t SERIAL_BELOW = 1 << 15   # elements; smaller calls run on one thread
 # Output bytes above which the output bypasses the cache (non-temporal stores): half the
-# last-level cache. Measured, float32 inference on a 32 MB L3: 7.7 MB output 0.222 -> 0.141 ms
-# unstreamed, 98 MB output 5.7 -> 4.5 ms streamed; on the 8 MB L3 of the first machine 4 MB was
-# best.
-cdef Py_ssize_t STREAM_ABOVE = last_level_cache_bytes() // 2
+# last-level cache, at most 32 MB (see fastbn._config.stream_above_bytes). Measured, float32
+# inference on a 32 MB L3: 7.7 MB output 0.222 -> 0.141 ms unstreamed, 98 MB output 5.7 -> 4.5
+# ms streamed; on the 8 MB L3 of the first machine 4 MB was best.
+cdef Py_ssize_t STREAM_ABOVE = stream_above_bytes()
 # Channels-first cache blocking: bytes of input per channel group (the element-wise pass re-reads
 # the group from the cache); see fastbn._config.channel_group_bytes for the measurements.
 cdef Py_ssize_t GROUP_BYTES = channel_group_bytes()

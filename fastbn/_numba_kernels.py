@@ -92,7 +92,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
-from ._config import channel_group_bytes, last_level_cache_bytes
+from ._config import channel_group_bytes, stream_above_bytes
 
 __all__ = ["moments", "normalize", "train_forward", "backward"]
 
@@ -716,8 +716,8 @@ def _dx_rows(dyf, xf, of, dxf, start, rows, stride, width, has_out, training, co
 
 
 # ----------------------------------------------------------------------------- streamed stores
-# Normalized outputs larger than STREAM_ABOVE bytes (half the last-level cache, as in the Cython
-# backend) are written with non-temporal stores, which need no read of the destination first.
+# Normalized outputs larger than STREAM_ABOVE bytes (as in the Cython backend: see
+# fastbn._config.stream_above_bytes) are written with non-temporal stores, which need no read of the destination first.
 # Numba has no vector types, so one vector step of the normalization is an intrinsic that emits
 # the vector operations and a store with !nontemporal metadata: the same operations in the same
 # order as _norm_rows, so every element rounds the same way whether it is streamed or not.
@@ -733,7 +733,7 @@ def _dx_rows(dyf, xf, of, dxf, start, rows, stride, width, has_out, training, co
 # 64x7x7x2048 3.57 -> 3.31 ms, ReLU-masked 27.2 -> 24.7 and 5.58 -> 4.84 ms. (On the Zen 5
 # channels-last dx was 7% slower streamed: 12.1 -> 12.9 ms.)
 
-STREAM_ABOVE = last_level_cache_bytes() // 2
+STREAM_ABOVE = stream_above_bytes()
 VECTOR_BYTES = 64  # one cache line per streamed store
 _X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
 
