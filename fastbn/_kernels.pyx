@@ -1042,6 +1042,19 @@ cdef extern from *:
         fastbn_side_scalar(s, s->end, s->n);
     }
 
+    /* The float32 span sums prefetch their inputs this many bytes ahead: on an Intel Xeon (2 MB
+       L2), 2 threads, float32, x copy, interleaved builds, moments 32x64x112x112 0.69 -> 0.55,
+       32x256x56x56 0.73 -> 0.55; training 1.60 -> 1.53, 1.85 -> 1.77; backward 3.0 -> 2.7,
+       3.3 -> 2.9 (4096 bytes: moments 0.49, backward 2.75-3.0); cached inputs unchanged. The
+       hardware prefetchers alone left one thread's reads short of the memory's bandwidth. */
+    #ifndef FASTBN_SPAN_AHEAD
+    #define FASTBN_SPAN_AHEAD 2048
+    #endif
+    /* The line FASTBN_SPAN_AHEAD bytes past p (in integer arithmetic: it may lie past the end
+       of the array). */
+    static inline void fastbn_prefetch_ahead(const float *p) {
+        __builtin_prefetch((const void *)((uintptr_t)p + FASTBN_SPAN_AHEAD), 0, 3);
+    }
     /* The float32 span sums (see "float32 spans" above, by FASTBN_FLUSH and FASTBN_SAMPLE),
        with an optional side pass; defined here, after the element-wise kernels they call. */
     static inline __attribute__((always_inline)) void fastbn_span_sums_core_f32(
@@ -1072,6 +1085,7 @@ cdef extern from *:
         for (i = 0; i < body;) {
             p = q = r = t = zero;
             for (k = 0; k < FASTBN_FLUSH && i < body; k++, i += 16) {
+                if (FASTBN_SPAN_AHEAD) fastbn_prefetch_ahead(x + i);
                 memcpy(&u, x + i, 32); memcpy(&w, x + i + 8, 32);
                 u -= m8; w -= m8;
                 p += u; q += w; r += u * u; t += w * w;
@@ -1148,6 +1162,11 @@ cdef extern from *:
         for (i = 0; i < body;) {
             p = q = r = t = zero;
             for (k = 0; k < FASTBN_FLUSH && i < body; k++, i += 16) {
+                if (FASTBN_SPAN_AHEAD) {
+                    fastbn_prefetch_ahead(dy + i);
+                    fastbn_prefetch_ahead(x + i);
+                    if (out) fastbn_prefetch_ahead(out + i);
+                }
                 memcpy(&g, dy + i, 32); memcpy(&h, dy + i + 8, 32);
                 if (out) {
                     memcpy(&u, out + i, 32); memcpy(&w, out + i + 8, 32);
