@@ -385,6 +385,19 @@ cdef extern from *:
        operations in the same order, so the same bits: only the accumulators live in L1
        (FASTBN_COLS channels at a time) instead of registers. */
     #define FASTBN_COLS 1024
+    /* Sequential float32 reads from memory (the span sums, the channels-last gradient sums)
+       prefetch FASTBN_AHEAD bytes ahead: the hardware prefetchers alone left one thread's
+       reads short of the memory's bandwidth on an Intel Xeon (2 MB L2). 2 threads, float32,
+       x copy, interleaved builds: moments 32x64x112x112 0.69 -> 0.55, 32x256x56x56 0.73 ->
+       0.55; training 1.60 -> 1.53, 1.85 -> 1.77; backward 3.0 -> 2.7, 3.3 -> 2.9; channels-
+       last backward 401408x64 3.4-3.6 -> 3.2, 100352x256 3.7 -> 3.2-3.3 (4096 bytes: the
+       same or slower); inputs in the cache unchanged. */
+    #define FASTBN_AHEAD 2048
+    /* Prefetch the line FASTBN_AHEAD bytes past p (in integer arithmetic: it may lie past the
+       end of the array; a prefetch never faults). */
+    static inline void fastbn_prefetch_ahead(const float *p) {
+        __builtin_prefetch((const void *)((uintptr_t)p + FASTBN_AHEAD), 0, 3);
+    }
     static void fastbn_rows_grad_stream_f32(const float *dy, const float *x, const float *out,
                                             Py_ssize_t rows, Py_ssize_t C, const double *mean,
                                             double *part1, double *part2) {
@@ -402,6 +415,11 @@ cdef extern from *:
                 for (; r < r1; r++) {
                     o = r * C + c0;
                     for (k = 0; k < w; k++) {
+                        if (k % 2 == 0) {  /* once per line */
+                            fastbn_prefetch_ahead(dy + o + 8 * k);
+                            fastbn_prefetch_ahead(x + o + 8 * k);
+                            if (out) fastbn_prefetch_ahead(out + o + 8 * k);
+                        }
                         memcpy(&g, dy + o + 8 * k, 32);
                         if (out) {
                             memcpy(&u, out + o + 8 * k, 32);
@@ -435,7 +453,8 @@ cdef extern from *:
        the next eight rows while summing these made 32x56x56x256 channels-last moments 4.86 ->
        4.34 ms and 32x112x112x64 4.88 -> 4.03 ms on the Zen 3 (copy 4.75-4.87 ms); 16-64 rows
        ahead gained less. Prefetches never fault, so the rows past the block's end (or the
-       array's) are harmless. The row-by-row gradient kernels gained nothing from it. */
+       array's) are harmless. The row-by-row gradient kernels gained nothing from it on the
+       Zen 3 (a plain prefetch FASTBN_AHEAD bytes ahead did on an Intel Xeon). */
     static inline void fastbn_prefetch_rows8(const float *p, Py_ssize_t first, Py_ssize_t C) {
         /* rows first .. first + 7 after p's, in integer arithmetic: they may lie past the end
            of the array */
@@ -1042,19 +1061,6 @@ cdef extern from *:
         fastbn_side_scalar(s, s->end, s->n);
     }
 
-    /* The float32 span sums prefetch their inputs this many bytes ahead: on an Intel Xeon (2 MB
-       L2), 2 threads, float32, x copy, interleaved builds, moments 32x64x112x112 0.69 -> 0.55,
-       32x256x56x56 0.73 -> 0.55; training 1.60 -> 1.53, 1.85 -> 1.77; backward 3.0 -> 2.7,
-       3.3 -> 2.9 (4096 bytes: moments 0.49, backward 2.75-3.0); cached inputs unchanged. The
-       hardware prefetchers alone left one thread's reads short of the memory's bandwidth. */
-    #ifndef FASTBN_SPAN_AHEAD
-    #define FASTBN_SPAN_AHEAD 2048
-    #endif
-    /* The line FASTBN_SPAN_AHEAD bytes past p (in integer arithmetic: it may lie past the end
-       of the array). */
-    static inline void fastbn_prefetch_ahead(const float *p) {
-        __builtin_prefetch((const void *)((uintptr_t)p + FASTBN_SPAN_AHEAD), 0, 3);
-    }
     /* The float32 span sums (see "float32 spans" above, by FASTBN_FLUSH and FASTBN_SAMPLE),
        with an optional side pass; defined here, after the element-wise kernels they call. */
     static inline __attribute__((always_inline)) void fastbn_span_sums_core_f32(
@@ -1085,7 +1091,7 @@ cdef extern from *:
         for (i = 0; i < body;) {
             p = q = r = t = zero;
             for (k = 0; k < FASTBN_FLUSH && i < body; k++, i += 16) {
-                if (FASTBN_SPAN_AHEAD) fastbn_prefetch_ahead(x + i);
+                fastbn_prefetch_ahead(x + i);
                 memcpy(&u, x + i, 32); memcpy(&w, x + i + 8, 32);
                 u -= m8; w -= m8;
                 p += u; q += w; r += u * u; t += w * w;
@@ -1162,11 +1168,9 @@ cdef extern from *:
         for (i = 0; i < body;) {
             p = q = r = t = zero;
             for (k = 0; k < FASTBN_FLUSH && i < body; k++, i += 16) {
-                if (FASTBN_SPAN_AHEAD) {
-                    fastbn_prefetch_ahead(dy + i);
-                    fastbn_prefetch_ahead(x + i);
-                    if (out) fastbn_prefetch_ahead(out + i);
-                }
+                fastbn_prefetch_ahead(dy + i);
+                fastbn_prefetch_ahead(x + i);
+                if (out) fastbn_prefetch_ahead(out + i);
                 memcpy(&g, dy + i, 32); memcpy(&h, dy + i + 8, 32);
                 if (out) {
                     memcpy(&u, out + i, 32); memcpy(&w, out + i + 8, 32);
