@@ -147,9 +147,21 @@ MERGE_CHUNK = 256
 # 1 thread 5-15% slower, so they keep the plain order.
 OVERLAP = True
 OVERLAP_FROM = 4096
-# Rows of at most TWO_ROWS_BYTES are normalized two at a time (_norm_rows), as in the Cython
-# backend (FASTBN_TWO_ROWS, where wider rows were slower that way).
-TWO_ROWS_BYTES = 512
+# Channels-first rows shorter than SHORT_ROWS values go in groups of at least SHORT_GROUP_BYTES:
+# the short-row passes lose more per group than the cache gives back. On an Intel Xeon (1 MB
+# GROUP_BYTES), float32, 2 threads, ms with 1 / 4 / 16 MB groups: backward 64x2048x7x7 3.67 /
+# 3.56 / 2.70, 32x576x14x14 1.89 / 1.59 / 1.40, 32x192x28x28 2.15 / 1.55 / 1.59; training 2.05 /
+# 1.85 / 1.61, 1.10 / 0.88 / 0.82, 1.27 / 1.12 / 1.11; but rows of 3136 backward 32x256x56x56
+# 12.3 / 12.8 / 15.1, training 7.1 / 7.3 / 8.2.
+SHORT_ROWS = 1024
+SHORT_GROUP_BYTES = 16 << 20
+
+
+def _group_bytes(inner):
+    """Bytes of input per channel group for channels-first rows of `inner` values."""
+    return GROUP_BYTES if inner >= SHORT_ROWS else max(GROUP_BYTES, SHORT_GROUP_BYTES)
+
+
 # Values per task of the channels-first normalization of short rows: runs across channels in
 # memory order (_norm_seg_run). Against the per-element constants of the statistics' units (20
 # channels of all images, strided), x copy, 64x2048x7x7 float32 inference 1.71 -> 1.27 (Cython
@@ -654,24 +666,11 @@ def _norm_rows(xf, of, rf, start, rows, stride, width, has_res, relu, consts, ze
 
     The flags are constants where the kernels' entries made them so (see _specialized), and
     this loop is then compiled for them: LLVM took only some runtime flags out of the loop.
-    Rows of at most TWO_ROWS_BYTES two at a time, each constant loaded once for both, as in
-    the Cython backend: channels-last 8x56x56x64 inference, same process, x copy, 1.16-1.36 ->
-    0.98-1.13 (Cython 0.78-0.85). The flat arrays are read at unsigned indices (see
-    _rows_grad32)."""
-    pairs = rows // 2 if width * xf.itemsize <= TWO_ROWS_BYTES else 0
-    for r in range(pairs):
-        b0 = np.uint64(start + 2 * r * stride)
-        b1 = b0 + np.uint64(stride)
-        for i in range(width):
-            k0 = b0 + np.uint64(i)
-            k1 = b1 + np.uint64(i)
-            hi, lo = _at(consts, 0, i), _at(consts, 1, i)
-            scale, shift = _at(consts, 2, i), _at(consts, 3, i)
-            of[k0] = _norm_value(xf[k0], rf[k0] if has_res else zero, hi, lo, scale, shift,
-                                 zero, has_res, relu)
-            of[k1] = _norm_value(xf[k1], rf[k1] if has_res else zero, hi, lo, scale, shift,
-                                 zero, has_res, relu)
-    for r in range(2 * pairs, rows):
+    Row by row: two rows at a time (each constant loaded once for both) had made channels-last
+    8x56x56x64 inference 1.16-1.36 -> 0.98-1.13x the copy time on a Zen 4, but on an Intel Xeon
+    it was the slower (1.18-1.23 against 1.11-1.13, training 2.12-2.15 against 1.96-2.01), as
+    in the Cython backend. The flat arrays are read at unsigned indices (see _rows_grad32)."""
+    for r in range(rows):
         b0 = np.uint64(start + r * stride)
         for i in range(width):
             k0 = b0 + np.uint64(i)
@@ -1930,8 +1929,8 @@ def train_forward(x, weight, bias, eps, residual, relu, out, num_threads=1):
     flags = (residual is not None, bool(relu), _streamed(out))
     if x.shape[2] == 1:
         return _run(num_threads, _specialized(_hwc_train_as, *flags), fallback, *args)
-    return _run(num_threads, _specialized(_chw_train_as, *flags), fallback, *args, GROUP_BYTES,
-                OVERLAP)
+    return _run(num_threads, _specialized(_chw_train_as, *flags), fallback, *args,
+                _group_bytes(x.shape[2]), OVERLAP)
 
 
 def backward(dy, x, mean, invstd, weight, output, training, out, num_threads=1):
@@ -1948,7 +1947,7 @@ def backward(dy, x, mean, invstd, weight, output, training, out, num_threads=1):
                     bool(training), out, _streamed(out))
     kernel = _specialized(_chw_backward_as, output is not None, bool(training),
                           _streamed(out))
-    return _run(num_threads, kernel, fallback, *args, out, GROUP_BYTES, OVERLAP)
+    return _run(num_threads, kernel, fallback, *args, out, _group_bytes(x.shape[2]), OVERLAP)
 
 
 # ----------------------------------------------------------------------------- entries

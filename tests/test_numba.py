@@ -84,6 +84,7 @@ def test_training_statistics_equal_moments_bitwise(monkeypatch, shape):
     outer, channels, inner = shape
     x = (np.random.default_rng(4).standard_normal(shape) * 3 + 5).astype(np.float32)
     monkeypatch.setattr(numba_kernels, "GROUP_BYTES", 1 << 22)
+    monkeypatch.setattr(numba_kernels, "SHORT_GROUP_BYTES", 1 << 22)
     group = numba_kernels._group_channels(outer, inner, x.itemsize, 1, channels, 1 << 22)
     assert group < channels
     assert group % numba_kernels._units(0, channels, outer, inner)[0] != 0
@@ -106,6 +107,7 @@ def test_channel_groups_do_not_change_results(monkeypatch, shape):
 
     def run(group_bytes):
         monkeypatch.setattr(numba_kernels, "GROUP_BYTES", group_bytes)
+        monkeypatch.setattr(numba_kernels, "SHORT_GROUP_BYTES", group_bytes)
         y, dx = np.empty_like(x), np.empty_like(x)
         mean, var = numba_kernels.train_forward(x, w, b, 1e-5, None, True, y, 2)
         sums = numba_kernels.backward(dy, x, mean, 1 / np.sqrt(var + 1e-5), w, y, True, dx, 2)
@@ -453,6 +455,7 @@ def test_overlapped_backward_equals_one_group_after_the_other(monkeypatch, dtype
     invstd, weight = rng.random(channels) + 0.5, rng.standard_normal(channels)
     monkeypatch.setattr(numba_kernels, "STREAM_ABOVE", 0)
     monkeypatch.setattr(numba_kernels, "GROUP_BYTES", 2 * x.nbytes // channels)  # 1 channel
+    monkeypatch.setattr(numba_kernels, "SHORT_GROUP_BYTES", 2 * x.nbytes // channels)
 
     def run(overlap, offset):
         monkeypatch.setattr(numba_kernels, "OVERLAP", overlap)
@@ -484,6 +487,7 @@ def test_overlapped_training_equals_one_group_after_the_other(monkeypatch, shape
     weight, bias = rng.standard_normal(channels), rng.standard_normal(channels)
     monkeypatch.setattr(numba_kernels, "STREAM_ABOVE", 0)
     monkeypatch.setattr(numba_kernels, "GROUP_BYTES", x.nbytes // channels)  # 1 channel
+    monkeypatch.setattr(numba_kernels, "SHORT_GROUP_BYTES", x.nbytes // channels)
 
     def run(overlap, offset):
         monkeypatch.setattr(numba_kernels, "OVERLAP", overlap)
@@ -592,3 +596,12 @@ def test_channels_first_float32_gradient_sums_of_long_rows(inner, masked):
     outputs are not streamed, so the groups are not overlapped; the overlapped backward is
     checked against this plain one bit for bit above.)"""
     _check_float32_gradient_sums((3, 7, inner), masked)
+
+
+def test_short_rows_go_in_larger_groups(monkeypatch):
+    monkeypatch.setattr(numba_kernels, "GROUP_BYTES", 1 << 20)
+    monkeypatch.setattr(numba_kernels, "SHORT_GROUP_BYTES", 1 << 24)
+    assert numba_kernels._group_bytes(numba_kernels.SHORT_ROWS - 1) == 1 << 24
+    assert numba_kernels._group_bytes(numba_kernels.SHORT_ROWS) == 1 << 20
+    monkeypatch.setattr(numba_kernels, "GROUP_BYTES", 1 << 25)
+    assert numba_kernels._group_bytes(49) == 1 << 25
