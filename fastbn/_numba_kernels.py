@@ -716,7 +716,8 @@ def _dx_rows(dyf, xf, of, dxf, start, rows, stride, width, has_out, training, co
 
 # ----------------------------------------------------------------------------- streamed stores
 # Normalized outputs larger than STREAM_ABOVE bytes (as in the Cython backend: see
-# fastbn._config.stream_above_bytes) are written with non-temporal stores, which need no read of the destination first.
+# fastbn._config.stream_above_bytes) are written with non-temporal stores, which need no read
+# of the destination first.
 # Numba has no vector types, so one vector step of the normalization is an intrinsic that emits
 # the vector operations and a store with !nontemporal metadata: the same operations in the same
 # order as _norm_rows, so every element rounds the same way whether it is streamed or not.

@@ -304,7 +304,8 @@ def test_channels_first_float32_moments_by_columns(rng, shape, column_block):
     in several column tiles (column_block), NaN and inf confined to their channels, a constant
     channel exact, a far outlier first, squares beyond float32 (1e20), a first image far from
     the others (its center: cancellation, redone in float64); the same bits for 1 and 2
-    threads and in training (one channel group); equal to the reference within float32's precision."""
+    threads and in training (one channel group); equal to the reference within float32's
+    precision."""
     from fastbn._kernels import _tuning
     x = (rng.standard_normal(shape) * 2 + 1e3).astype(np.float32)
     x[:, 1] = np.nan
