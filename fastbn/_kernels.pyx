@@ -385,18 +385,21 @@ cdef extern from *:
        operations in the same order, so the same bits: only the accumulators live in L1
        (FASTBN_COLS channels at a time) instead of registers. */
     #define FASTBN_COLS 1024
-    /* Sequential float32 reads from memory (the span sums, the channels-last gradient sums)
-       prefetch FASTBN_AHEAD bytes ahead: the hardware prefetchers alone left one thread's
-       reads short of the memory's bandwidth on an Intel Xeon (2 MB L2). 2 threads, float32,
-       x copy, interleaved builds: moments 32x64x112x112 0.69 -> 0.55, 32x256x56x56 0.73 ->
-       0.55; training 1.60 -> 1.53, 1.85 -> 1.77; backward 3.0 -> 2.7, 3.3 -> 2.9; channels-
-       last backward 401408x64 3.4-3.6 -> 3.2, 100352x256 3.7 -> 3.2-3.3 (4096 bytes: the
-       same or slower); inputs in the cache unchanged. */
+    /* Sequential float32 reads from memory prefetch ahead: the hardware prefetchers alone left
+       one thread's reads short of the memory's bandwidth on an Intel Xeon (2 MB L2). The span
+       moments read one array, 8 KB ahead; the gradient sums (channels-first spans, channels-
+       last rows) two or three, 2 KB ahead. 2 threads, float32, x copy, interleaved builds:
+       moments 32x64x112x112 0.67-0.73 (2 KB) -> 0.50-0.55 (8 KB), 32x256x56x56 0.69-0.73 ->
+       0.50-0.55 (none: 0.73), training 1.45-1.48 -> 1.38-1.42; gradient sums at 2 KB: backward
+       32x64x112x112 3.0 -> 2.7, 32x256x56x56 3.3 -> 2.9, channels-last 401408x64 3.4-3.6 ->
+       3.2, 100352x256 3.7 -> 3.2-3.3 (4 or 8 KB ahead, into L1 or L2: the same or slower).
+       Inputs in the cache unchanged. */
     #define FASTBN_AHEAD 2048
-    /* Prefetch the line FASTBN_AHEAD bytes past p (in integer arithmetic: it may lie past the
-       end of the array; a prefetch never faults). */
-    static inline void fastbn_prefetch_ahead(const float *p) {
-        __builtin_prefetch((const void *)((uintptr_t)p + FASTBN_AHEAD), 0, 3);
+    #define FASTBN_SUMS_AHEAD 8192
+    /* Prefetch the line `bytes` past p (in integer arithmetic: it may lie past the end of the
+       array; a prefetch never faults). */
+    static inline void fastbn_prefetch(const float *p, Py_ssize_t bytes) {
+        __builtin_prefetch((const void *)((uintptr_t)p + bytes), 0, 3);
     }
     static void fastbn_rows_grad_stream_f32(const float *dy, const float *x, const float *out,
                                             Py_ssize_t rows, Py_ssize_t C, const double *mean,
@@ -416,9 +419,9 @@ cdef extern from *:
                     o = r * C + c0;
                     for (k = 0; k < w; k++) {
                         if (k % 2 == 0) {  /* once per line */
-                            fastbn_prefetch_ahead(dy + o + 8 * k);
-                            fastbn_prefetch_ahead(x + o + 8 * k);
-                            if (out) fastbn_prefetch_ahead(out + o + 8 * k);
+                            fastbn_prefetch(dy + o + 8 * k, FASTBN_AHEAD);
+                            fastbn_prefetch(x + o + 8 * k, FASTBN_AHEAD);
+                            if (out) fastbn_prefetch(out + o + 8 * k, FASTBN_AHEAD);
                         }
                         memcpy(&g, dy + o + 8 * k, 32);
                         if (out) {
@@ -1091,7 +1094,7 @@ cdef extern from *:
         for (i = 0; i < body;) {
             p = q = r = t = zero;
             for (k = 0; k < FASTBN_FLUSH && i < body; k++, i += 16) {
-                fastbn_prefetch_ahead(x + i);
+                fastbn_prefetch(x + i, FASTBN_SUMS_AHEAD);
                 memcpy(&u, x + i, 32); memcpy(&w, x + i + 8, 32);
                 u -= m8; w -= m8;
                 p += u; q += w; r += u * u; t += w * w;
@@ -1168,9 +1171,9 @@ cdef extern from *:
         for (i = 0; i < body;) {
             p = q = r = t = zero;
             for (k = 0; k < FASTBN_FLUSH && i < body; k++, i += 16) {
-                fastbn_prefetch_ahead(dy + i);
-                fastbn_prefetch_ahead(x + i);
-                if (out) fastbn_prefetch_ahead(out + i);
+                fastbn_prefetch(dy + i, FASTBN_AHEAD);
+                fastbn_prefetch(x + i, FASTBN_AHEAD);
+                if (out) fastbn_prefetch(out + i, FASTBN_AHEAD);
                 memcpy(&g, dy + i, 32); memcpy(&h, dy + i + 8, 32);
                 if (out) {
                     memcpy(&u, out + i, 32); memcpy(&w, out + i + 8, 32);
