@@ -18,11 +18,11 @@ the copy's traffic, which reads and writes the tensor once):
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 
 from fastbn import _kernels
+from fastbn.bench._registry import measure_interleaved
 
 SHAPES = ["32x64x112x112", "32x256x56x56", "64x2048x7x7", "8x64x56x56", "256x1024"]
 FLOOR = {("train", "nchw"): 1.0, ("backward", "nchw"): 1.5,
@@ -37,21 +37,7 @@ def view(shape: tuple[int, ...], layout: str) -> tuple[int, int, int]:
     return n, c, inner
 
 
-def best_of(calls: dict, rounds: int) -> dict:
-    """Best time per call of each callable, the calls interleaved round by round."""
-    for call in calls.values():
-        call()
-    best = dict.fromkeys(calls, float("inf"))
-    for _ in range(rounds):
-        for name, call in calls.items():
-            start = time.perf_counter()
-            call()
-            call()
-            best[name] = min(best[name], (time.perf_counter() - start) / 2)
-    return best
-
-
-def phases(shape: tuple[int, ...], layout: str, threads: int, rounds: int) -> dict:
+def phases(shape: tuple[int, ...], layout: str, threads: int, min_time: float) -> dict:
     outer, channels, inner = view(shape, layout)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((outer, channels, inner), dtype=np.float32) + 3
@@ -67,7 +53,8 @@ def phases(shape: tuple[int, ...], layout: str, threads: int, rounds: int) -> di
         "train": lambda: _kernels.train_forward(x, ones, zeros, 1e-5, None, False, y, threads),
         "backward": lambda: _kernels.backward(dy, x, zeros, ones, ones, None, True, y, threads),
     }
-    best = best_of(calls, rounds)
+    stats = measure_interleaved(list(calls.values()), min_time)
+    best = {name: s["best"] for name, s in zip(calls, stats)}
     return {name: t / best["copy"] for name, t in best.items()} | {"copy ms": best["copy"] * 1e3}
 
 
@@ -76,7 +63,7 @@ def main() -> None:
     parser.add_argument("shapes", nargs="*", default=SHAPES)
     parser.add_argument("--layouts", default="nchw,nhwc")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--min-time", type=float, default=0.2, help="seconds per pass")
     args = parser.parse_args()
     names = ["moments", "normalize", "2 reads + write", "train", "backward"]
     print(f"x copy time, float32, {args.threads} threads; floor: the memory traffic's minimum")
@@ -88,7 +75,7 @@ def main() -> None:
             if len(shape) == 2 and layout == "nhwc":
                 continue  # (N, C): one layout
             kind = "nhwc" if view(shape, layout)[2] == 1 else "nchw"
-            r = phases(shape, layout, args.threads, args.rounds)
+            r = phases(shape, layout, args.threads, args.min_time)
             print(f"{text:16} {layout:6} {r['copy ms']:8.2f} "
                   + " ".join(f"{r[n]:15.2f}" for n in names)
                   + f" {FLOOR['train', kind]:11.1f} {FLOOR['backward', kind]:9.1f}")

@@ -221,3 +221,19 @@ def test_asv_quick_run(tmp_path):
     assert "failed" not in out.lower(), out[-4000:]
     for name in ("time_call", "track_gbps", "track_speedup_vs_naive", "peakmem_call"):
         assert name in out
+
+
+def test_phases_script_times_every_pass():
+    """bench/phases.py: every pass timed, as a multiple of the copy, in both views."""
+    if "cython" not in fastbn.available_backends():
+        pytest.skip("the Cython extension is not built")
+    spec = importlib.util.spec_from_file_location("phases", BENCH / "phases.py")
+    phases = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(phases)
+    assert phases.view((4, 8, 5, 5), "nchw") == (4, 8, 25)
+    assert phases.view((4, 8, 5, 5), "nhwc") == (100, 8, 1)
+    for layout in ("nchw", "nhwc"):
+        r = phases.phases((4, 8, 5, 5), layout, 1, 0.001)
+        assert r["copy"] == 1.0
+        for name in ("moments", "normalize", "2 reads + write", "train", "backward"):
+            assert 0 < r[name] < np.inf
