@@ -147,13 +147,14 @@ def test_degenerate_shapes(backend, rng, shape, axis):
 
 def test_moments_match_reference(backend, rng):
     from fastbn._backends import get_backend
-    for dims in [(3, 5, 7), (11, 6, 1), (1, 4, 33), (0, 3, 2)]:
+    for dims in [(3, 5, 7), (11, 6, 1), (1, 4, 33), (0, 3, 2), (97, 16, 1), (5, 40, 101)]:
         x = (rng.standard_normal(dims) * 3 + 100).astype(np.float32)
         count, mean, m2 = get_backend(backend).moments(x, 2)
         ref_count, ref_mean, ref_m2 = get_backend("numpy").moments(x, 1)
         assert count == ref_count
         np.testing.assert_allclose(mean, ref_mean, rtol=1e-12)
-        np.testing.assert_allclose(m2, ref_m2, rtol=1e-9)
+        # The float32 kernels square x - center in float32: one rounding (2**-24) per term.
+        np.testing.assert_allclose(m2, ref_m2, rtol=1e-7)
 
 
 # Outputs above 4 MB take the streamed (non-temporal store) path: long rows split into tiles,
