@@ -1848,6 +1848,16 @@ def _periodic(consts, channels):
     return padded
 
 
+@njit(**_JIT)
+def _row_block(outer, channels):
+    """Rows per block of a channels-last element-wise pass: BLOCK values, at most
+    MAX_ROW_BLOCKS blocks."""
+    rb = max(1, BLOCK // channels)
+    if (outer + rb - 1) // rb > MAX_ROW_BLOCKS:
+        rb = (outer + MAX_ROW_BLOCKS - 1) // MAX_ROW_BLOCKS
+    return rb
+
+
 @njit(**_PARALLEL)
 def _hwc_normalize(x, consts, residual, has_res, relu, out, stream):
     outer, channels, _ = x.shape
@@ -1856,7 +1866,7 @@ def _hwc_normalize(x, consts, residual, has_res, relu, out, stream):
     rf = residual.reshape(residual.size)
     zero = _zero_of(x)
     padded = _periodic(consts, channels) if stream else consts
-    rb = max(1, BLOCK // channels)
+    rb = _row_block(outer, channels)
     for b in prange((outer + rb - 1) // rb):
         r0 = b * rb
         rows = min(outer, r0 + rb) - r0
@@ -1908,7 +1918,7 @@ def _hwc_backward(dy, x, mean, invstd, weight, output, has_out, training, out, s
     _grad_constants(0, channels, np.float64(outer), mean, invstd, weight, sum_dy, sum_dy_xmu,
                     consts)
     padded = _periodic(consts, channels) if stream else consts
-    rbn = max(1, BLOCK // channels)
+    rbn = _row_block(outer, channels)
     for blk in prange((outer + rbn - 1) // rbn):
         r0 = blk * rbn
         rows = min(outer, r0 + rbn) - r0
