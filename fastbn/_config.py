@@ -94,7 +94,7 @@ def channel_group_bytes() -> int:
     """
     caches = _data_caches()
     l2 = caches.get(2, DEFAULT_L2)
-    if _cpu_vendor_family()[0] == "GenuineIntel":
+    if cpu_vendor() == "GenuineIntel":
         return max(1 << 20, l2 // 2)
     return max(1 << 20, min(8 * l2, last_level_cache_bytes() // 2))
 
@@ -117,6 +117,11 @@ def _cpu_vendor_family() -> tuple[str, int]:
     except (OSError, ValueError):
         pass
     return vendor, family
+
+
+def cpu_vendor() -> str:
+    """'GenuineIntel', 'AuthenticAMD', ... from /proc/cpuinfo; '' when it cannot be read."""
+    return _cpu_vendor_family()[0]
 
 
 def streamed_store_alias_stall() -> bool:

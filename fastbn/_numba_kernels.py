@@ -92,7 +92,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
-from ._config import channel_group_bytes, stream_above_bytes
+from ._config import channel_group_bytes, cpu_vendor, stream_above_bytes
 
 __all__ = ["moments", "normalize", "train_forward", "backward"]
 
@@ -130,13 +130,17 @@ CANCEL = 4.0
 # kernels' order). Moments alone, 32x256x56x56 (from memory), x copy: 1 thread 1.27 -> 1.04,
 # 2 threads 1.01 -> 0.91 (Cython 0.96, 0.83); in L2 unchanged (1.09 -> 1.07). The gradient
 # sums prefetch only when dy and x fit in half the last-level cache: 8x64x56x56 backward
-# Numba/Cython 1.41-1.55 -> 1.27-1.41 (alternating runs), where from memory it was slower
-# (32x256x56x56 1.26-1.32 -> 1.34-1.41). The moments, which read one array, prefetch
-# MOMENTS_AHEAD32 values (8 KB) ahead, as the Cython spans: on an Intel Xeon, x copy, moments
-# 32x64x112x112 0.78-0.82 -> 0.65-0.67, 32x256x56x56 0.96 -> 0.91 (2 KB -> 8 KB).
+# Numba/Cython 1.41-1.55 -> 1.27-1.41 (alternating runs), where from memory it was slower on
+# the Zen 3 (32x256x56x56 1.26-1.32 -> 1.34-1.41); on Intel processors they prefetch from
+# memory too (GRAD_AHEAD_FROM_MEMORY), as the Cython spans do: an Intel Xeon guest, float32
+# backward, Numba/Cython in one run, 32x256x56x56 1.37 -> 1.27, 32x64x112x112 1.30 -> 1.14,
+# 32x144x56x56 1.45 -> 1.27. The moments, which read one array, prefetch MOMENTS_AHEAD32
+# values (8 KB) ahead, as the Cython spans: on an Intel Xeon, x copy, moments 32x64x112x112
+# 0.78-0.82 -> 0.65-0.67, 32x256x56x56 0.96 -> 0.91 (2 KB -> 8 KB).
 LINE32 = 16
 AHEAD32 = 512
 MOMENTS_AHEAD32 = 2048
+GRAD_AHEAD_FROM_MEMORY = cpu_vendor() == "GenuineIntel"
 # Channels per chunk when merging channels-last partials in parallel.
 MERGE_CHUNK = 256
 # Channels at a time in the float32 channels-last moments (_rows_moments32), and the most row
@@ -592,7 +596,7 @@ def _span_grad32(dyf, xf, of, has_out, b, n, mean, t1, t2, u, side=None, pos=0, 
     m = np.float32(mean)
     t1[:] = 0.0
     t2[:] = 0.0
-    ahead = xf.size * xf.itemsize * 2 <= STREAM_ABOVE  # see AHEAD32
+    ahead = GRAD_AHEAD_FROM_MEMORY or xf.size * xf.itemsize * 2 <= STREAM_ABOVE  # see AHEAD32
     r = 0
     while r + 8 <= rows:
         a = b + r * LANES
