@@ -178,6 +178,9 @@ def _group_bytes(inner):
 # channels of all images, strided), x copy, 64x2048x7x7 float32 inference 1.71 -> 1.27 (Cython
 # 1.18), training 2.37 -> 1.94 (Cython 2.17).
 SEG_RUN = 4096
+# Values per task of a streamed channels-first element-wise pass (see _units_per_task).
+ELEMENTWISE_SPAN = 65536
+MIN_TASKS = 16
 # Work units per task of the sums passes (scratch allocated once per task).
 UNIT_CHUNK = 4
 
@@ -1562,6 +1565,21 @@ def _chw_partials(dy, x, output, has_out, center, c0, c1, part_s, part_q):
                        scratch, lanes32)
 
 
+@njit(**_JIT)
+def _units_per_task(c0, c1, outer, inner, stream):
+    """Work units per task of a channels-first element-wise pass: streamed, at least
+    ELEMENTWISE_SPAN values (each task ends with a store fence; rows of 3136 made tasks of two
+    rows, as in the Cython backend's _elementwise_layout) while there are MIN_TASKS tasks (the
+    threads' static shares stay even: groups of one channel of 32 rows went in 4 tasks of 10,
+    10, 10 and 2 rows, backward 2.9 -> 3.1x copy); else one."""
+    if not stream:
+        return np.int64(1)
+    rows, pieces, plen, bpc = _geometry(outer, inner)
+    chans, units = _units(c0, c1, outer, inner)
+    per = ELEMENTWISE_SPAN // (rows * min(plen, inner) * chans)
+    return max(np.int64(1), min(per, units // MIN_TASKS))
+
+
 @njit(**_PARALLEL)
 def _chw_normalize(x, consts, residual, has_res, relu, out, c0, c1, stream):
     """Normalize channels [c0, c1) with the constants (hi, lo, scale, shift) of consts."""
@@ -1584,18 +1602,21 @@ def _chw_normalize(x, consts, residual, has_res, relu, out, c0, c1, stream):
             if stream:
                 _store_fence()
         return
-    for u in prange(units):
-        ca, cb, start, rows, stride, width, _ = _unit_rows(np.int64(u), c0, c1, outer,
-                                                           channels, inner)
-        if inner <= RUN:
-            e = _expand(consts, ca, cb, inner)
-            _norm_rows(xf, of, rf, start, rows, stride, width, has_res, relu, e, zero)
-        else:
-            seg = width - (cb - ca - 1) * inner
-            for c in range(ca, cb):
-                _norm_block(xf, of, rf, start + (c - ca) * inner, rows, stride, seg, has_res,
-                            relu, (consts[0, c], consts[1, c], consts[2, c], consts[3, c]),
-                            zero, stream)
+    per = _units_per_task(c0, c1, outer, inner, stream)
+    for task in prange((units + per - 1) // per):
+        for u in range(np.int64(task) * per, min(units, (np.int64(task) + 1) * per)):
+            ca, cb, start, rows, stride, width, _ = _unit_rows(u, c0, c1, outer, channels,
+                                                               inner)
+            if inner <= RUN:
+                e = _expand(consts, ca, cb, inner)
+                _norm_rows(xf, of, rf, start, rows, stride, width, has_res, relu, e, zero)
+            else:
+                seg = width - (cb - ca - 1) * inner
+                for c in range(ca, cb):
+                    _norm_block(xf, of, rf, start + (c - ca) * inner, rows, stride, seg,
+                                has_res, relu,
+                                (consts[0, c], consts[1, c], consts[2, c], consts[3, c]), zero,
+                                stream)
         if stream:
             _store_fence()
 
@@ -1623,24 +1644,27 @@ def _chw_dx(dy, x, output, has_out, training, consts, out, c0, c1, stream):
             if stream:
                 _store_fence()
         return
-    for u in prange(units):
-        ca, cb, start, rows, stride, width, _ = _unit_rows(np.int64(u), c0, c1, outer,
-                                                           channels, inner)
-        if inner <= RUN:
-            e = _expand(consts, ca, cb, inner)
-            _dx_rows(dyf, xf, of, dxf, start, rows, stride, width, has_out, training, e, zero)
-        else:
-            seg = width - (cb - ca - 1) * inner
-            for c in range(ca, cb):
-                cc = (consts[0, c], consts[1, c], consts[2, c], consts[3, c], consts[4, c])
-                b = start + (c - ca) * inner
-                if stream:
-                    for r in range(rows):
-                        _dx_run(dyf, xf, of, dxf, b + r * stride, seg, has_out, training, cc,
-                                np.int64(0), np.int64(0), zero)
-                else:
-                    _dx_rows(dyf, xf, of, dxf, b, rows, stride, seg, has_out, training, cc,
-                             zero)
+    per = _units_per_task(c0, c1, outer, inner, stream)
+    for task in prange((units + per - 1) // per):
+        for u in range(np.int64(task) * per, min(units, (np.int64(task) + 1) * per)):
+            ca, cb, start, rows, stride, width, _ = _unit_rows(u, c0, c1, outer, channels,
+                                                               inner)
+            if inner <= RUN:
+                e = _expand(consts, ca, cb, inner)
+                _dx_rows(dyf, xf, of, dxf, start, rows, stride, width, has_out, training, e,
+                         zero)
+            else:
+                seg = width - (cb - ca - 1) * inner
+                for c in range(ca, cb):
+                    cc = (consts[0, c], consts[1, c], consts[2, c], consts[3, c], consts[4, c])
+                    b = start + (c - ca) * inner
+                    if stream:
+                        for r in range(rows):
+                            _dx_run(dyf, xf, of, dxf, b + r * stride, seg, has_out, training,
+                                    cc, np.int64(0), np.int64(0), zero)
+                    else:
+                        _dx_rows(dyf, xf, of, dxf, b, rows, stride, seg, has_out, training,
+                                 cc, zero)
         if stream:
             _store_fence()
 
