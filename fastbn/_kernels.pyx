@@ -1540,9 +1540,18 @@ cdef Layout _elementwise_layout(Layout L) noexcept nogil:
     ELEMENTWISE_SPAN values (whole rows of adjacent channels): every block ends with a store
     fence, and rows of 3136 made blocks of one row (SEGMENT). Float32 inference 32x256x56x56,
     x copy, interleaved: 1.23-1.26 -> 1.10-1.13 (4096 values: 1.25, 262144: about the same as
-    65536); rows of 12544 and short rows unchanged."""
+    65536); rows of 12544 and short rows unchanged. Streamed rows of up to ELEMENTWISE_SPAN
+    values are taken whole, not in segments, so that spans off the 64-byte lines go as one run
+    across the channels (_unaligned_spans). With NumPy's own arrays (16 bytes into a line),
+    four buffer pairs interleaved with a copy of another array, as the benchmark times them:
+    32x256x56x56 1.21-1.23 -> 1.09, 32x64x112x112 1.23 -> 1.02; 64-byte aligned arrays keep
+    the span by span loop (0.98-1.00; as one run 1.03)."""
     if L.columns:
         L.columns = False
+        _set_group(&L, L.group)
+    if L.stream and 1 < L.nseg and L.inner <= ELEMENTWISE_SPAN:
+        L.nseg = 1  # whole rows: a run across channels needs them (see _cf_block)
+        L.seglen = L.inner
         _set_group(&L, L.group)
     if L.stream and L.nseg == 1 and L.chan_chunk * L.inner < ELEMENTWISE_SPAN:
         L.chan_chunk = max(1, min(L.group, ELEMENTWISE_SPAN // max(1, L.inner)))
@@ -2009,6 +2018,17 @@ cdef inline void _cf_task(const floating* x, const floating* dy, const floating*
         fastbn_sfence()
 
 
+cdef inline bint _unaligned_spans(const floating* out, Py_ssize_t inner) noexcept nogil:
+    """Whether channels-first spans of `inner` values from `out` start off a 64-byte line. A
+    streamed pass over such spans one by one stores a scalar head and tail at each span's
+    ends, in lines shared with the next span, and NumPy's large arrays start 16 bytes into a
+    line: float32 inference 32x256x56x56, x copy, interleaved, 64-byte aligned arrays 0.99-1.00,
+    at 16 bytes 1.14-1.22 (channels-last 0.97-0.99 either way). Streamed as one run across the
+    channels (the parameters switching within the vector that straddles two channels), such
+    rows pay the head and tail once per block: see the note at _elementwise_layout."""
+    return ((<size_t> out) | (<size_t> inner * sizeof(floating))) % 64 != 0
+
+
 cdef inline void _cf_block(const floating* x, const floating* dy, const floating* output,
                            Layout L, Py_ssize_t c0, Py_ssize_t c1, const double* center,
                            double* part1, double* part2, Elementwise* E, Py_ssize_t e0,
@@ -2035,7 +2055,8 @@ cdef inline void _cf_block(const floating* x, const floating* dy, const floating
         na = 0  # the rows below only emit the element-wise pass
     for n in range(r0, r1):
         offset = n * L.channels * L.inner
-        if L.inner < LONG_SPAN:
+        if L.inner < LONG_SPAN or (na == 0 and ne > 0 and L.stream and _unaligned_spans(
+                out + offset + (e0 + j0) * L.inner, L.inner)):
             for j in range(na):
                 t1 = 0.0
                 t2 = 0.0

@@ -825,10 +825,12 @@ def _cython_train_and_backward(x, residual, dy, weight, bias, axis, y, dx, strea
 
 
 # Channels-last widths around the vector width (8 float32 lanes) and above the channel tile
-# (512), spans around the direct/tile threshold (256), at every output alignment.
+# (512), spans around the direct/tile threshold (256), rows longer than a segment (4096, taken
+# whole by the streamed element-wise pass), at every output alignment.
 STREAM_CASES = [((37, 1), -1), ((37, 3), -1), ((29, 7), -1), ((23, 8), -1), ((19, 9), -1),
                 ((11, 97), -1), ((5, 1030), -1), ((3, 4, 7, 7), 1), ((3, 5, 255), 1), ((2, 3, 16, 16), 1),
-                ((2, 3, 301), 1), ((4, 6, 8), 1), ((4, 6, 9), 1), ((2, 7, 3, 5), 1)]
+                ((2, 3, 301), 1), ((4, 6, 8), 1), ((4, 6, 9), 1), ((2, 7, 3, 5), 1),
+                ((2, 3, 4099), 1), ((2, 5, 4160), 1)]
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
