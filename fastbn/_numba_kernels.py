@@ -1566,6 +1566,24 @@ def _chw_partials(dy, x, output, has_out, center, c0, c1, part_s, part_q):
 
 
 @njit(**_JIT)
+def _across_channels(out, inner, stream):
+    """Channels per run of a channels-first element-wise pass taken as runs across channels
+    (the constants switching within the vector that straddles two channels), or 0 for the
+    work units (span by span). Short rows: runs of about SEG_RUN values. Streamed rows whose
+    spans start off a 64-byte line (NumPy's large arrays start 16 bytes into one): runs of
+    about ELEMENTWISE_SPAN values, since span by span each span's scalar head and tail cost
+    more than the blends (as in the Cython backend's _unaligned_spans). Float32 inference, x
+    copy, four buffer pairs interleaved with a copy of another array (as the benchmark times
+    them): 32x256x56x56 1.35 -> 1.07, 32x64x112x112 1.30 -> 0.99."""
+    if VECTOR_BYTES // out.itemsize <= inner <= RUN:
+        return max(1, SEG_RUN // inner)
+    if stream and inner > RUN and (out.ctypes.data % VECTOR_BYTES != 0
+                                   or inner * out.itemsize % VECTOR_BYTES != 0):
+        return max(1, ELEMENTWISE_SPAN // inner)
+    return 0
+
+
+@njit(**_JIT)
 def _units_per_task(c0, c1, outer, inner, stream):
     """Work units per task of a channels-first element-wise pass: streamed, at least
     ELEMENTWISE_SPAN values (each task ends with a store fence; rows of 3136 made tasks of two
@@ -1589,9 +1607,9 @@ def _chw_normalize(x, consts, residual, has_res, relu, out, c0, c1, stream):
     of = out.reshape(out.size)
     rf = residual.reshape(residual.size)
     zero = _zero_of(x)
-    if VECTOR_BYTES // x.itemsize <= inner <= RUN:
-        # runs across channels in memory order, about SEG_RUN values each (_norm_seg_run)
-        chans = max(1, SEG_RUN // inner)
+    chans = _across_channels(out, inner, stream)
+    if chans > 0:
+        # runs across channels in memory order (_norm_seg_run)
         chunks = (c1 - c0 + chans - 1) // chans
         for task in prange(outer * chunks):
             n = np.int64(task) // chunks
@@ -1632,8 +1650,8 @@ def _chw_dx(dy, x, output, has_out, training, consts, out, c0, c1, stream):
     of = output.reshape(output.size)
     dxf = out.reshape(out.size)
     zero = _zero_of(x)
-    if VECTOR_BYTES // x.itemsize <= inner <= RUN:  # as in _chw_normalize
-        chans = max(1, SEG_RUN // inner)
+    chans = _across_channels(out, inner, stream)
+    if chans > 0:  # as in _chw_normalize
         chunks = (c1 - c0 + chans - 1) // chans
         for task in prange(outer * chunks):
             n = np.int64(task) // chunks
