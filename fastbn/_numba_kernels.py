@@ -284,7 +284,6 @@ def _rows_moments32(xf, start, rows, width, shift, s, q, ahead):
     u1 = np.empty(cols, np.float32)
     t1 = np.empty(cols)
     t2 = np.empty(cols)
-    sample = 8 if rows >= 8 else 0
     # Offsets of rows 1..7 as unsigned values computed outside the loop (an int64 times a
     # uint64 is a float64 in Numba; in the loop it cost 3x).
     stride = np.uint64(width)
@@ -295,20 +294,16 @@ def _rows_moments32(xf, start, rows, width, shift, s, q, ahead):
         first = np.uint64(start + c0)
         for c in range(n):
             m[c] = xf[first + np.uint64(c)]
-            u0[c] = 0.0
-        if sample > 0:  # one update of eight rows, as below
+            t1[c] = 0.0
+            t2[c] = 0.0
+        if rows >= 8:  # the center: one update of eight rows, as below
             for c in range(n):
                 i = first + np.uint64(c)
                 mc = m[c]
-                u0[c] += (((xf[i] - mc) + (xf[i + stride] - mc))
-                          + ((xf[i + w2] - mc) + (xf[i + w3] - mc))) \
-                    + (((xf[i + w4] - mc) + (xf[i + w5] - mc))
-                       + ((xf[i + w6] - mc) + (xf[i + w7] - mc)))
-        for c in range(n):
-            if sample > 0:
-                m[c] += u0[c] / np.float32(sample)
-            t1[c] = 0.0
-            t2[c] = 0.0
+                m[c] = mc + ((((xf[i] - mc) + (xf[i + stride] - mc))
+                              + ((xf[i + w2] - mc) + (xf[i + w3] - mc)))
+                             + (((xf[i + w4] - mc) + (xf[i + w5] - mc))
+                                + ((xf[i + w6] - mc) + (xf[i + w7] - mc)))) / np.float32(8)
         r = 0
         while r + 8 <= rows:
             b = first + np.uint64(r) * stride
