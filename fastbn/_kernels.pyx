@@ -1957,7 +1957,8 @@ cdef void _cf_pass(const floating* x, const floating* dy, const floating* output
     memory order 1.9 ms). Short rows (7x7 images) take the element-wise pass as one run per
     row n across the block's channels (whole rows of adjacent channels are contiguous); long
     rows one run per span, with constant parameters (5% faster there than the run across
-    channels). The sums do not depend on the pairing, nor on the thread count.
+    channels) when the spans start on cache lines, else one run per row across the channels
+    (_unaligned_spans). The sums do not depend on the pairing, nor on the thread count.
     """
     cdef Py_ssize_t i, count
     cdef bint tasks = L.nseg > 1
@@ -2025,7 +2026,12 @@ cdef inline bint _unaligned_spans(const floating* out, Py_ssize_t inner) noexcep
     line: float32 inference 32x256x56x56, x copy, interleaved, 64-byte aligned arrays 0.99-1.00,
     at 16 bytes 1.14-1.22 (channels-last 0.97-0.99 either way). Streamed as one run across the
     channels (the parameters switching within the vector that straddles two channels), such
-    rows pay the head and tail once per block: see the note at _elementwise_layout."""
+    rows pay the head and tail once per block: see the note at _elementwise_layout. In the
+    fused pass too (_cf_block: the sums of one group span by span, then the output of the
+    group before as one run per row): float32 training, x copy, interleaved, 32x256x56x56
+    1.48-1.63 -> 1.41-1.54, 32x144x56x56 1.45-1.58 -> 1.28-1.44 (backward unchanged). Rows of
+    several segments (_cf_task, 112x112 images) keep their pairs: across the channels there,
+    backward went 2.65 -> 2.95 and training 1.49 -> 1.52-1.70."""
     return ((<size_t> out) | (<size_t> inner * sizeof(floating))) % 64 != 0
 
 
@@ -2055,7 +2061,7 @@ cdef inline void _cf_block(const floating* x, const floating* dy, const floating
         na = 0  # the rows below only emit the element-wise pass
     for n in range(r0, r1):
         offset = n * L.channels * L.inner
-        if L.inner < LONG_SPAN or (na == 0 and ne > 0 and L.stream and _unaligned_spans(
+        if L.inner < LONG_SPAN or (ne > 0 and L.stream and _unaligned_spans(
                 out + offset + (e0 + j0) * L.inner, L.inner)):
             for j in range(na):
                 t1 = 0.0
