@@ -36,7 +36,8 @@ from libc.string cimport memcpy
 cimport numpy as cnp
 import numpy as np
 
-from ._config import channel_group_bytes, stream_above_bytes, streamed_store_alias_stall
+from ._config import (channel_group_bytes, gradient_prefetch, stream_above_bytes,
+                      streamed_store_alias_stall)
 
 cnp.import_array()
 
@@ -396,6 +397,9 @@ cdef extern from *:
        Inputs in the cache unchanged. */
     #define FASTBN_AHEAD 2048
     #define FASTBN_SUMS_AHEAD 8192
+    /* Whether the channels-first gradient spans prefetch (set at import from
+       fastbn._config.gradient_prefetch): on a Zen 4 the prefetches slowed the span sums. */
+    static int fastbn_grad_ahead = 1;
     /* Prefetch the line `bytes` past p (in integer arithmetic: it may lie past the end of the
        array; a prefetch never faults). */
     static inline void fastbn_prefetch(const float *p, Py_ssize_t bytes) {
@@ -1171,9 +1175,11 @@ cdef extern from *:
         for (i = 0; i < body;) {
             p = q = r = t = zero;
             for (k = 0; k < FASTBN_FLUSH && i < body; k++, i += 16) {
-                fastbn_prefetch(dy + i, FASTBN_AHEAD);
-                fastbn_prefetch(x + i, FASTBN_AHEAD);
-                if (out) fastbn_prefetch(out + i, FASTBN_AHEAD);
+                if (fastbn_grad_ahead) {
+                    fastbn_prefetch(dy + i, FASTBN_AHEAD);
+                    fastbn_prefetch(x + i, FASTBN_AHEAD);
+                    if (out) fastbn_prefetch(out + i, FASTBN_AHEAD);
+                }
                 memcpy(&g, dy + i, 32); memcpy(&h, dy + i + 8, 32);
                 if (out) {
                     memcpy(&u, out + i, 32); memcpy(&w, out + i + 8, 32);
@@ -1238,6 +1244,7 @@ cdef extern from *:
                               double* sum2) noexcept nogil
     void fastbn_span_sums_f64(const double* x, Py_ssize_t n, double shift, double* sum1,
                               double* sum2) noexcept nogil
+    int fastbn_grad_ahead
     void fastbn_span_grad_sums_f32(const float* dy, const float* x, const float* output,
                                    Py_ssize_t n, double mean, double* sum_dy,
                                    double* sum_dy_xmu) noexcept nogil
@@ -1331,6 +1338,7 @@ cdef Py_ssize_t GROUP_BYTES = channel_group_bytes()
 # Streamed outputs that alias an input modulo 4 KB go through an L1 tile on processors where
 # that stalls (see _aliases and fastbn._config.streamed_store_alias_stall).
 cdef bint ALIAS_GUARD = streamed_store_alias_stall()
+fastbn_grad_ahead = gradient_prefetch()
 DEF TILE_BYTES = 16384
 DEF ALIAS_WINDOW = 128                   # bytes; see _aliases
 # Channels-last float32 moments from this many channels on: eight rows per pass over the row

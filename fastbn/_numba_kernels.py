@@ -92,7 +92,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
-from ._config import channel_group_bytes, cpu_vendor, stream_above_bytes
+from ._config import channel_group_bytes, gradient_prefetch, stream_above_bytes
 
 __all__ = ["moments", "normalize", "train_forward", "backward"]
 
@@ -124,23 +124,23 @@ GRAD32_BELOW = 1024
 # SAMPLE values, float64 again when sum(d*d) exceeds the span's M2 more than CANCEL times.
 SAMPLE = 64
 CANCEL = 4.0
-# The float32 span sums (_span_moments32, _span_grad32) prefetch every cache line (LINE32
-# values) AHEAD32 values ahead: their loads go through eight rows of LANES values side by side,
-# which the hardware prefetchers follow less well than one sequential stream (the Cython
-# kernels' order). Moments alone, 32x256x56x56 (from memory), x copy: 1 thread 1.27 -> 1.04,
-# 2 threads 1.01 -> 0.91 (Cython 0.96, 0.83); in L2 unchanged (1.09 -> 1.07). The gradient
-# sums prefetch only when dy and x fit in half the last-level cache: 8x64x56x56 backward
-# Numba/Cython 1.41-1.55 -> 1.27-1.41 (alternating runs), where from memory it was slower on
-# the Zen 3 (32x256x56x56 1.26-1.32 -> 1.34-1.41); on Intel processors they prefetch from
-# memory too (GRAD_AHEAD_FROM_MEMORY), as the Cython spans do: an Intel Xeon guest, float32
-# backward, Numba/Cython in one run, 32x256x56x56 1.37 -> 1.27, 32x64x112x112 1.30 -> 1.14,
-# 32x144x56x56 1.45 -> 1.27. The moments, which read one array, prefetch MOMENTS_AHEAD32
-# values (8 KB) ahead, as the Cython spans: on an Intel Xeon, x copy, moments 32x64x112x112
-# 0.78-0.82 -> 0.65-0.67, 32x256x56x56 0.96 -> 0.91 (2 KB -> 8 KB).
+# The float32 span sums (_span_moments32, _span_grad32) prefetch each cache line they read
+# AHEAD32 (gradient sums) or MOMENTS_AHEAD32 values (8 KB, moments) ahead, as the Cython spans.
+# Measured with their earlier loads through eight rows of LANES values side by side, which the
+# hardware prefetchers follow less well than one sequential stream: moments alone,
+# 32x256x56x56 (from memory), x copy: 1 thread 1.27 -> 1.04, 2 threads 1.01 -> 0.91 (Cython
+# 0.96, 0.83); in L2 unchanged (1.09 -> 1.07); on an Intel Xeon, moments 32x64x112x112
+# 0.78-0.82 -> 0.65-0.67, 32x256x56x56 0.96 -> 0.91 (2 KB -> 8 KB ahead). The sequential
+# vectors of _flush_intrinsic, on a Zen 4: moments without the prefetch 0.63-0.65 against
+# 0.65-0.69 (kept, for the Intel figures). The gradient sums prefetch when dy and x fit in
+# half the last-level cache (8x64x56x56 backward Numba/Cython 1.41-1.55 -> 1.27-1.41), and
+# from memory where fastbn._config.gradient_prefetch says so (Intel): an Intel Xeon guest,
+# Numba/Cython in one run, 32x256x56x56 1.37 -> 1.27, 32x64x112x112 1.30 -> 1.14; on a Zen 4
+# 32x256x56x56 backward 2.75-2.85 -> 3.54-3.62 x copy with it.
 LINE32 = 16
 AHEAD32 = 512
 MOMENTS_AHEAD32 = 2048
-GRAD_AHEAD_FROM_MEMORY = cpu_vendor() == "GenuineIntel"
+GRAD_AHEAD_FROM_MEMORY = gradient_prefetch()
 # Channels per chunk when merging channels-last partials in parallel.
 MERGE_CHUNK = 256
 # Channels at a time in the float32 channels-last moments (_rows_moments32), and the most row
@@ -237,6 +237,93 @@ def _borrowed(typingctx, arr):
         view.parent = cgutils.get_null_value(view.parent.type)
         return view._getvalue()
     return sig, codegen
+
+
+def _flush_intrinsic(grad: bool, masked: bool, steps: int):
+    """An intrinsic: `steps` steps of 16 float32 values from index a of the span sums, as the
+    Cython kernels' loop (fastbn_span_sums_f32, fastbn_span_grad_sums_f32) in 8-lane vectors:
+    p, q += d (d = x - m), r, t += d * d, or for `grad` p, q += g and r, t += g * (x - m) (g = dy,
+    masked by of > 0 when `masked`); then p + q and r + t widened to float64 and added into
+    acc[0:4] and acc[4:8]. Each step prefetches the lines `ahead` values on (0: none). In the
+    vectors of Numba's own loops, the trees of eight 32-lane rows went through a scratch array
+    and 64 float64 lanes in memory: one thread, spans of 3136 in L2, moments 6.5 -> 10.9 values
+    per ns; 32x256x56x56 moments, 2 threads, x copy 1.44-1.51 -> 0.72 (Cython 0.67)."""
+    @intrinsic
+    def flush(typingctx, dyf, xf, of, a, m, acc, ahead):
+        sig = types.void(dyf, xf, of, a, m, acc, ahead)
+
+        def codegen(context, builder, signature, args):
+            dyt, xt, ot, _, _, acct, _ = signature.args
+            dyv, xv, ov, av, mv, accv, aheadv = args
+            v8 = ir.VectorType(ir.FloatType(), 8)
+            v4 = ir.VectorType(ir.DoubleType(), 4)
+            zero = ir.Constant(v8, [0.0] * 8)
+            m8 = _splat(builder, v8, mv)
+
+            def load(aryty, ary, index):
+                data = context.make_array(aryty)(context, builder, ary).data
+                return builder.load(builder.bitcast(builder.gep(data, [index]), v8.as_pointer()),
+                                    align=4)
+
+            def at(k):
+                return builder.add(av, ir.Constant(av.type, k))
+
+            p = q = r = t = zero
+            for step in range(steps):
+                i, j = at(16 * step), at(16 * step + 8)
+                with builder.if_then(builder.icmp_signed("!=", aheadv,
+                                                         ir.Constant(aheadv.type, 0))):
+                    ahead_at = builder.add(at(16 * step), aheadv)
+                    for aryty, ary in ((dyt, dyv), (xt, xv), (ot, ov))[0 if grad else 1:
+                                                                       3 if masked else 2]:
+                        _prefetch_line(context, builder, aryty, ary, ahead_at)
+                u = builder.fsub(load(xt, xv, i), m8)
+                w = builder.fsub(load(xt, xv, j), m8)
+                if grad:
+                    g, h = load(dyt, dyv, i), load(dyt, dyv, j)
+                    if masked:
+                        g = builder.select(builder.fcmp_ordered(">", load(ot, ov, i), zero),
+                                           g, zero)
+                        h = builder.select(builder.fcmp_ordered(">", load(ot, ov, j), zero),
+                                           h, zero)
+                    r = builder.fadd(r, builder.fmul(g, u))
+                    t = builder.fadd(t, builder.fmul(h, w))
+                    u, w = g, h
+                else:
+                    r = builder.fadd(r, builder.fmul(u, u))
+                    t = builder.fadd(t, builder.fmul(w, w))
+                p = builder.fadd(p, u)
+                q = builder.fadd(q, w)
+            accp = context.make_array(acct)(context, builder, accv).data
+            for k, v in ((0, builder.fadd(p, q)), (4, builder.fadd(r, t))):
+                halves = [builder.fpext(builder.shuffle_vector(
+                    v, v, ir.Constant(ir.VectorType(ir.IntType(32), 4), list(range(h, h + 4)))),
+                    v4) for h in (0, 4)]
+                ptr = builder.bitcast(builder.gep(accp, [ir.IntType(64)(k)]), v4.as_pointer())
+                builder.store(builder.fadd(builder.load(ptr, align=8),
+                                           builder.fadd(halves[0], halves[1])), ptr, align=8)
+            return context.get_dummy_value()
+        return sig, codegen
+    return flush
+
+
+def _prefetch_line(context, builder, aryty, ary, index):
+    """llvm.prefetch of the cache line of ary[index] (for reading, into all levels)."""
+    data = context.make_array(aryty)(context, builder, ary).data
+    address = builder.bitcast(builder.gep(data, [index]), ir.IntType(8).as_pointer())
+    i32 = ir.IntType(32)
+    fn = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(ir.VoidType(), [address.type, i32, i32, i32]),
+        "llvm.prefetch.p0")
+    builder.call(fn, [address, i32(0), i32(3), i32(1)])
+
+
+_FLUSH_MOMENTS = _flush_intrinsic(False, False, FLUSH)
+_STEP_MOMENTS = _flush_intrinsic(False, False, 1)
+_FLUSH_GRAD = _flush_intrinsic(True, False, FLUSH)
+_STEP_GRAD = _flush_intrinsic(True, False, 1)
+_FLUSH_GRAD_MASKED = _flush_intrinsic(True, True, FLUSH)
+_STEP_GRAD_MASKED = _flush_intrinsic(True, True, 1)
 
 
 @njit(**_JIT)
@@ -517,83 +604,57 @@ def _rows_grad32(dyf, xf, of, has_out, start, rows, width, mean, s, q):
 
 
 @njit(**_JIT)
-def _span_moments32(xf, b, n, shift, t1, t2, u, side=None, pos=0, of=None, rf=None):
+def _span_moments32(xf, b, n, shift, acc, side=None, pos=0, of=None, rf=None):
     """Shifted sums (sum(x - shift), sum((x - shift)**2)) of the float32 span xf[b:b + n] as
     the Cython backend computes them (fastbn_span_sums_f32): d = x - m in float32 about a
     center m taken from the first values (the first value plus the mean difference of the first
-    SAMPLE), eight rows of LANES values per update added as a float32 tree, each tree into
-    float64 lanes, then re-centred on `shift`. t1, t2: LANES float64 values of scratch.
+    SAMPLE), in float32 vectors FLUSH steps of 16 values at a time, then in float64 (see
+    _flush_intrinsic), and re-centred on `shift`. acc: 8 float64 values of scratch.
 
     Returns (ok, sum1, sum2, pos); not ok (the caller sums in float64) for spans of fewer than
-    eight rows, sums that are not finite (NaN or inf, squares past float32's range) or tiny (a
-    constant span, possible underflow), and a center far from the span's mean (sum(d)**2 close
-    to n * sum(d*d): float32 cancellation). `side`, pos: a streamed normalization into `of`
-    (residual rf) that advances by as many values per update (see _side_norm); the returned pos
-    is where it stopped.
+    8 * LANES values, sums that are not finite (NaN or inf, squares past float32's range) or
+    tiny (a constant span, possible underflow), and a center far from the span's mean
+    (sum(d)**2 close to n * sum(d*d): float32 cancellation). `side`, pos: a streamed
+    normalization into `of` (residual rf) that advances by as many values per flush (see
+    _side_norm); the returned pos is where it stopped.
 
     The float64 lanes convert every value; these compute in float32, twice as many per vector,
-    and convert one value per tree. Channels-first float32 moments, x copy, 2 threads, in one
-    run: 32x256x56x56 1.46 -> 1.04, 32x64x112x112 1.26 -> 0.90 (Cython 0.72, 0.71); training
-    2.17 -> 2.10 and 2.04 -> 1.98 (its normalization, about 1.05, is bound by the stores). No
-    allocation per span, the center's sample in eight independent sums and the last rows lane
-    by lane: 1.04 -> 1.00 and 0.90 -> 0.86. Each update's trees stored in the float32 scratch
-    u first and widened in a loop of their own: LLVM sizes a loop's vectors by its widest type,
-    so the float32 arithmetic ran four lanes wide beside the float64 accumulation; apart it runs
-    eight (one thread, in L2: 5.5 -> 8.0 values per ns; 32x256x56x56 moments 0.97 -> 0.92 x
-    copy). Errors against exact float64 as the Cython kernel's (offsets, outliers, ramps,
-    steps)."""
+    and convert one vector per flush. Channels-first float32 moments, x copy, 2 threads, in one
+    run: 32x256x56x56 1.46 -> 1.04, 32x64x112x112 1.26 -> 0.90 (Cython 0.72, 0.71) with trees of
+    eight rows of LANES values in Numba's own loops; in the vectors of _flush_intrinsic, on a
+    Zen 4: 1.44-1.51 -> 0.72-0.98 and 0.68 (Cython 0.66-0.68, 0.63). Errors against exact
+    float64 as the Cython kernel's (offsets, outliers, ramps, steps)."""
     rows = n // LANES
     if rows < 8:
         return False, 0.0, 0.0, pos
     x0 = xf[b]
     sample = min(n, SAMPLE) // 8 * 8  # eight independent sums, so that the loop vectorizes
-    t1[:8] = 0.0
+    acc[:8] = 0.0
     for i in range(0, sample, 8):
         for k in range(8):
-            t1[k] += np.float64(xf[b + i + k] - x0)
-    d = ((t1[0] + t1[1]) + (t1[2] + t1[3])) + ((t1[4] + t1[5]) + (t1[6] + t1[7]))
+            acc[k] += np.float64(xf[b + i + k] - x0)
+    d = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]))
     m = np.float32(x0 + np.float32(d / sample))
-    t1[:] = 0.0
-    t2[:] = 0.0
-    r = 0
-    while r + 8 <= rows:
-        xs = xf[b + r * LANES:b + (r + 8) * LANES]
-        for p in range(0, 8 * LANES, LINE32):
-            _prefetch(xf, b + r * LANES + MOMENTS_AHEAD32 + p)
-        for k in range(LANES):
-            d0 = xs[k] - m
-            d1 = xs[k + LANES] - m
-            d2 = xs[k + 2 * LANES] - m
-            d3 = xs[k + 3 * LANES] - m
-            d4 = xs[k + 4 * LANES] - m
-            d5 = xs[k + 5 * LANES] - m
-            d6 = xs[k + 6 * LANES] - m
-            d7 = xs[k + 7 * LANES] - m
-            u[0, k] = ((d0 + d1) + (d2 + d3)) + ((d4 + d5) + (d6 + d7))
-            u[1, k] = (((d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3))
-                       + ((d4 * d4 + d5 * d5) + (d6 * d6 + d7 * d7)))
-        for k in range(LANES):  # apart: a loop of float32 alone vectorizes twice as wide
-            t1[k] += np.float64(u[0, k])
-            t2[k] += np.float64(u[1, k])
+    acc[:8] = 0.0
+    end = b + n // 16 * 16
+    i = b
+    while i + 16 * FLUSH <= end:
+        _FLUSH_MOMENTS(xf, xf, xf, i, m, acc, np.int64(MOMENTS_AHEAD32))
         if side is not None:
-            pos = _side_norm(side, pos, 8 * LANES, xf, of, rf)
-        r += 8
+            pos = _side_norm(side, pos, 16 * FLUSH, xf, of, rf)
+        i += 16 * FLUSH
+    while i < end:
+        _STEP_MOMENTS(xf, xf, xf, i, m, acc, np.int64(MOMENTS_AHEAD32))
+        i += 16
     mm = np.float64(m)
-    while r < rows:  # the last rows of LANES values, lane by lane
-        xs = xf[b + r * LANES:b + (r + 1) * LANES]
-        for k in range(LANES):
-            e = np.float64(xs[k]) - mm
-            t1[k] += e
-            t2[k] += e * e
-        r += 1
     tail1 = 0.0
     tail2 = 0.0
-    for i in range(b + rows * LANES, b + n):
+    for i in range(end, b + n):
         e = np.float64(xf[i]) - mm
         tail1 += e
         tail2 += e * e
-    total1 = t1.sum() + tail1
-    total2 = t2.sum() + tail2
+    total1 = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + tail1
+    total2 = ((acc[4] + acc[5]) + (acc[6] + acc[7])) + tail2
     if (not np.isfinite(total1) or not np.isfinite(total2) or total2 < n * 1e-30
             or total1 * total1 > total2 * n * (1.0 - 1.0 / CANCEL)):
         return False, 0.0, 0.0, pos
@@ -603,107 +664,55 @@ def _span_moments32(xf, b, n, shift, t1, t2, u, side=None, pos=0, of=None, rf=No
 
 
 @njit(**_JIT)
-def _span_grad32(dyf, xf, of, has_out, b, n, mean, t1, t2, u, side=None, pos=0, sdxf=None):
+def _span_grad32(dyf, xf, of, has_out, b, n, mean, acc, side=None, pos=0, sdxf=None):
     """Backward sums (sum(g), sum(g * (x - mean))) of the float32 span [b, b + n), g = dy, or
     dy where the forward output `of` > 0 when `has_out`, as the Cython backend computes them
-    (fastbn_span_grad_sums_f32): g * (x - m) about the mean rounded to float32, eight rows of
-    LANES values per update added as a float32 tree (the scratch u, 2 x LANES float32), each
-    tree into float64 lanes (t1, t2: LANES float64), then corrected by (m - mean) * sum(g).
+    (fastbn_span_grad_sums_f32): g * (x - m) about the mean rounded to float32, in float32
+    vectors FLUSH steps of 16 values at a time, then in float64 (acc: 8 float64 values, see
+    _flush_intrinsic), then corrected by (m - mean) * sum(g).
 
     Returns (ok, sum1, sum2, pos); not ok (the caller sums in float64) for spans of fewer than
-    eight rows and for sums that are not finite or tiny (possible underflow). `side`, pos,
-    sdxf: a streamed dx that advances by as many values per update (see _side_dx).
+    8 * LANES values and for sums that are not finite or tiny (possible underflow). `side`,
+    pos, sdxf: a streamed dx that advances by as many values per flush (see _side_dx).
 
     Against the float64 lanes of _grad_sums, one thread, spans of 3136 in L2: 3.2 -> 4.7 values
-    per ns, ReLU-masked 0.9 -> 4.1."""
+    per ns, ReLU-masked 0.9 -> 4.1 (trees of eight rows of LANES values in Numba's loops)."""
     rows = n // LANES
     if rows < 8:
         return False, 0.0, 0.0, pos
     m = np.float32(mean)
-    t1[:] = 0.0
-    t2[:] = 0.0
-    ahead = GRAD_AHEAD_FROM_MEMORY or xf.size * xf.itemsize * 2 <= STREAM_ABOVE  # see AHEAD32
-    r = 0
-    while r + 8 <= rows:
-        a = b + r * LANES
-        gs = dyf[a:a + 8 * LANES]
-        xs = xf[a:a + 8 * LANES]
-        if ahead:
-            for p in range(0, 8 * LANES, LINE32):
-                _prefetch(dyf, a + AHEAD32 + p)
-                _prefetch(xf, a + AHEAD32 + p)
-                if has_out:
-                    _prefetch(of, a + AHEAD32 + p)
-        if has_out:  # the mask in a loop of its own, so that both loops vectorize
-            os = of[a:a + 8 * LANES]
-            for k in range(LANES):
-                g0, g1, g2, g3, g4, g5, g6, g7 = _masked8(gs, os, k)
-                u[0, k], u[1, k] = _tree8(g0, g1, g2, g3, g4, g5, g6, g7, xs, k, m)
+    acc[:8] = 0.0
+    from_cache = xf.size * xf.itemsize * 2 <= STREAM_ABOVE
+    ahead = np.int64(AHEAD32 if GRAD_AHEAD_FROM_MEMORY or from_cache else 0)  # see AHEAD32
+    end = b + n // 16 * 16
+    i = b
+    while i + 16 * FLUSH <= end:
+        if has_out:
+            _FLUSH_GRAD_MASKED(dyf, xf, of, i, m, acc, ahead)
         else:
-            for k in range(LANES):
-                u[0, k], u[1, k] = _tree8(gs[k], gs[k + LANES], gs[k + 2 * LANES],
-                                          gs[k + 3 * LANES], gs[k + 4 * LANES],
-                                          gs[k + 5 * LANES], gs[k + 6 * LANES],
-                                          gs[k + 7 * LANES], xs, k, m)
-        for k in range(LANES):  # apart: a loop of float32 alone vectorizes twice as wide
-            t1[k] += np.float64(u[0, k])
-            t2[k] += np.float64(u[1, k])
+            _FLUSH_GRAD(dyf, xf, of, i, m, acc, ahead)
         if side is not None:
-            pos = _side_dx(side, pos, 8 * LANES, dyf, xf, of, sdxf)
-        r += 8
-    zero = np.float32(0.0)
-    while r < rows:  # the last rows of LANES values, lane by lane (vectorized, not scalar)
-        a = b + r * LANES
-        gs = dyf[a:a + LANES]
-        xs = xf[a:a + LANES]
-        os = of[a:a + LANES]
-        for k in range(LANES):
-            g = gs[k] if not has_out or os[k] > 0 else zero
-            t1[k] += np.float64(g)
-            t2[k] += np.float64(g * (xs[k] - m))
-        r += 1
+            pos = _side_dx(side, pos, 16 * FLUSH, dyf, xf, of, sdxf)
+        i += 16 * FLUSH
+    while i < end:
+        if has_out:
+            _STEP_GRAD_MASKED(dyf, xf, of, i, m, acc, ahead)
+        else:
+            _STEP_GRAD(dyf, xf, of, i, m, acc, ahead)
+        i += 16
     tail1 = 0.0
     tail2 = 0.0
     mm = np.float64(m)
-    for i in range(b + r * LANES, b + n):
+    for i in range(end, b + n):
         g = np.float64(dyf[i]) if not has_out or of[i] > 0 else 0.0
         tail1 += g
         tail2 += g * (np.float64(xf[i]) - mm)
-    total1 = t1.sum() + tail1
-    total2 = t2.sum() + tail2
+    total1 = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + tail1
+    total2 = ((acc[4] + acc[5]) + (acc[6] + acc[7])) + tail2
     if (not np.isfinite(total1) or not np.isfinite(total2)
             or abs(total2) < n * 1e-30 and not (total1 == 0.0 and total2 == 0.0)):
         return False, 0.0, 0.0, pos
     return True, total1, total2 + (mm - mean) * total1, pos
-
-
-@njit(inline="always", **_JIT)
-def _masked8(gs, os, k):
-    """The eight values g = gs[k + j * LANES] where os[...] > 0, else 0."""
-    zero = np.float32(0.0)
-    return (gs[k] if os[k] > 0 else zero,
-            gs[k + LANES] if os[k + LANES] > 0 else zero,
-            gs[k + 2 * LANES] if os[k + 2 * LANES] > 0 else zero,
-            gs[k + 3 * LANES] if os[k + 3 * LANES] > 0 else zero,
-            gs[k + 4 * LANES] if os[k + 4 * LANES] > 0 else zero,
-            gs[k + 5 * LANES] if os[k + 5 * LANES] > 0 else zero,
-            gs[k + 6 * LANES] if os[k + 6 * LANES] > 0 else zero,
-            gs[k + 7 * LANES] if os[k + 7 * LANES] > 0 else zero)
-
-
-@njit(inline="always", **_JIT)
-def _tree8(g0, g1, g2, g3, g4, g5, g6, g7, xs, k, m):
-    """sum(g_j) and sum(g_j * (xs[k + j * LANES] - m)) over j < 8, each as a float32 tree."""
-    h0 = g0 * (xs[k] - m)
-    h1 = g1 * (xs[k + LANES] - m)
-    h2 = g2 * (xs[k + 2 * LANES] - m)
-    h3 = g3 * (xs[k + 3 * LANES] - m)
-    h4 = g4 * (xs[k + 4 * LANES] - m)
-    h5 = g5 * (xs[k + 5 * LANES] - m)
-    h6 = g6 * (xs[k + 6 * LANES] - m)
-    h7 = g7 * (xs[k + 7 * LANES] - m)
-    return (((g0 + g1) + (g2 + g3)) + ((g4 + g5) + (g6 + g7)),
-            ((h0 + h1) + (h2 + h3)) + ((h4 + h5) + (h6 + h7)))
 
 
 @njit(**_JIT)
@@ -750,24 +759,24 @@ def _lanes_jit(has_out, dyf, xf, of, start, rows, stride, width, centerv, s, q):
     return grad
 
 
-def _span_sums32(dyf, xf, of, has_out, b, n, center, t1, t2, u, side=None, pos=0, outf=None,
+def _span_sums32(dyf, xf, of, has_out, b, n, center, acc, side=None, pos=0, outf=None,
                  rf=None):
     """_span_grad32 about the mean `center` (side: (end, has_out, training, cc)), or (dyf None)
     _span_moments32 about the shift `center` (side: (end, has_res, relu, cc))."""
 
 
 @overload(_span_sums32, jit_options=_JIT)
-def _span_sums32_jit(dyf, xf, of, has_out, b, n, center, t1, t2, u, side=None, pos=0,
+def _span_sums32_jit(dyf, xf, of, has_out, b, n, center, acc, side=None, pos=0,
                      outf=None, rf=None):
     if isinstance(dyf, types.NoneType):
-        def moments(dyf, xf, of, has_out, b, n, center, t1, t2, u, side=None, pos=0, outf=None,
+        def moments(dyf, xf, of, has_out, b, n, center, acc, side=None, pos=0, outf=None,
                     rf=None):
-            return _span_moments32(xf, b, n, center, t1, t2, u, side, pos, outf, rf)
+            return _span_moments32(xf, b, n, center, acc, side, pos, outf, rf)
         return moments
 
-    def grad(dyf, xf, of, has_out, b, n, center, t1, t2, u, side=None, pos=0, outf=None,
+    def grad(dyf, xf, of, has_out, b, n, center, acc, side=None, pos=0, outf=None,
              rf=None):
-        return _span_grad32(dyf, xf, of, has_out, b, n, center, t1, t2, u, side, pos, outf)
+        return _span_grad32(dyf, xf, of, has_out, b, n, center, acc, side, pos, outf)
     return grad
 
 
@@ -1401,15 +1410,14 @@ def _expand(v, ca, cb, inner):
 
 
 @njit(**_JIT)
-def _unit_sums(dyf, xf, of, shape, has_out, center, c0, c1, u, part_s, part_q, scratch,
-               lanes32):
+def _unit_sums(dyf, xf, of, shape, has_out, center, c0, c1, u, part_s, part_q, scratch):
     """Sums of work unit u into part_s/part_q[(c - c0) * bpc + j], block j, channel c.
 
     Shifted moments about `center` when dyf is None, else the backward sums about it (the mean).
     Short rows: lanes across the run of the unit's channels, one run per image. Long rows (one
     channel): each row's values as rows of LANES lanes plus a tail. dyf, xf, of: the flat
-    arrays, `shape` their (outer, channels, inner) view; scratch (3 x max(RUN, LANES) float64)
-    and lanes32 (2 x LANES float32): the calling task's.
+    arrays, `shape` their (outer, channels, inner) view; scratch (3 x max(RUN, LANES) float64):
+    the calling task's.
     """
     outer, channels, inner = shape
     bpc = _geometry(outer, inner)[3]
@@ -1433,8 +1441,7 @@ def _unit_sums(dyf, xf, of, shape, has_out, center, c0, c1, u, part_s, part_q, s
             b = start + (c - ca) * inner
             slot = (c - c0) * bpc + j
             if _is_float32(xf):
-                ok, s1, s2, _ = _span_sums32(dyf, xf, of, has_out, b, seg, center[c], sc, qc,
-                                             lanes32)
+                ok, s1, s2, _ = _span_sums32(dyf, xf, of, has_out, b, seg, center[c], sc)
                 if ok:
                     part_s[slot] = s1
                     part_q[slot] = s2
@@ -1587,10 +1594,9 @@ def _chw_partials(dy, x, output, has_out, center, c0, c1, part_s, part_q):
     part_q = _borrowed(part_q)
     for k in prange(chunks):
         scratch = np.empty((3, max(RUN, LANES)))
-        lanes32 = np.empty((2, LANES), np.float32)
         for u in range(np.int64(k) * UNIT_CHUNK, min(units, (np.int64(k) + 1) * UNIT_CHUNK)):
             _unit_sums(dyf, xf, of, x.shape, has_out, center, c0, c1, u, part_s, part_q,
-                       scratch, lanes32)
+                       scratch)
 
 
 @njit(**_JIT)
@@ -1749,7 +1755,7 @@ def _output_run_jit(dyf, xf, of, rf, outf, start, n, has_out, training, has_res,
 
 @njit(**_JIT)
 def _unit_pair(dyf, xf, of, rf, outf, shape, has_out, center, c0, c1, part_s, part_q,
-               consts, has_res, relu, training, e0, e1, u, do_a, do_e, s, q, cv, u32):
+               consts, has_res, relu, training, e0, e1, u, do_a, do_e, s, q, cv):
     """Long rows, streamed output: unit u of the sums of channels [c0, c1) (when do_a; as
     _unit_sums: gradient sums when dyf is an array, else float32 moments) beside unit u of the
     output of channels [e0, e1) (when do_e; dx as _chw_dx, or the normalization as
@@ -1791,11 +1797,10 @@ def _unit_pair(dyf, xf, of, rf, outf, shape, has_out, center, c0, c1, part_s, pa
         s1 = s2 = 0.0
         if _is_float32(xf) and paired:
             flags = (has_res, relu) if dyf is None else (has_out, training)
-            ok, s1, s2, pos = _span_sums32(dyf, xf, of, has_out, b, seg, center[ca + k], s, q,
-                                           u32, (end, flags[0], flags[1], cc), pos, outf, rf)
+            ok, s1, s2, pos = _span_sums32(dyf, xf, of, has_out, b, seg, center[ca + k], s,
+                                           (end, flags[0], flags[1], cc), pos, outf, rf)
         elif _is_float32(xf):
-            ok, s1, s2, _ = _span_sums32(dyf, xf, of, has_out, b, seg, center[ca + k], s, q,
-                                         u32)
+            ok, s1, s2, _ = _span_sums32(dyf, xf, of, has_out, b, seg, center[ca + k], s)
         if not ok:
             s[:] = 0.0
             q[:] = 0.0
@@ -1838,11 +1843,10 @@ def _chw_overlap(dy, x, output, has_out, center, c0, c1, part_s, part_q, consts,
     consts = _borrowed(consts)
     for k in prange((units + UNIT_CHUNK - 1) // UNIT_CHUNK):
         lanes = np.empty((3, LANES))
-        lanes32 = np.empty((2, LANES), np.float32)
         for u in range(np.int64(k) * UNIT_CHUNK, min(units, (np.int64(k) + 1) * UNIT_CHUNK)):
             _unit_pair(dyf, xf, of, rf, outf, x.shape, has_out, center, c0, c1, part_s,
                        part_q, consts, has_res, relu, training, e0, e1, u, u < ua, u < ue,
-                       lanes[0], lanes[1], lanes[2], lanes32)
+                       lanes[0], lanes[1], lanes[2])
         _store_fence()
 
 

@@ -237,10 +237,8 @@ cc = (np.float32(1), np.float32(0), np.float32(1), np.float32(0), np.float32(0))
 def sums(dyf, xf, out):
     s = np.zeros(nk.LANES)
     q = np.zeros(nk.LANES)
-    t = np.zeros(nk.LANES)
-    u = np.zeros((2, nk.LANES), np.float32)
     nk._lanes(False, dyf, xf, xf, 0, 4, nk.LANES, nk.LANES, np.full(nk.LANES, 1.5), s, q)
-    ok, s1, s2, _ = nk._span_sums32(dyf, xf, xf, False, 0, 4096, 1.5, s, t, u)
+    ok, s1, s2, _ = nk._span_sums32(dyf, xf, xf, False, 0, 4096, 1.5, s)
     nk._output_run(dyf, xf, xf, xf, out, 0, 4096, False, False, False, False, cc, False,
                    np.float32(0))
     return s1 + s.sum() + out.sum()
