@@ -535,9 +535,85 @@ cdef extern from *:
        cache at about 1.6 values per cycle with 8 lanes on Zen 4). Same process, alternated
        builds, training x copy: 8x56x56x64 1.58-1.72 -> 1.27-1.31; from memory it was a little
        slower (32x56x56x256 2.70-2.72 -> 2.82-2.87, 32x112x112x64 3.36-3.54 -> 3.57-3.72). */
+    /* Channels-last float32 moments of one block from memory (fewer than FASTBN_COLS / 2
+       channels), row by row: the operations of fastbn_rows_sums_mem8_f32 in the same order, so
+       the same bits, but each row read whole before the next. The eight-row kernel's tree
+       ((u0 + u1) + (u2 + u3)) + ((u4 + u5) + (u6 + u7)) is built in L1 as the rows arrive:
+       p holds the first pair (then the first four), r the next pair (then the last four), t
+       the pair after, one loop over the row per row of the eight (a switch on the row inside
+       the loop made it slower than the eight-row kernel). The eight-row kernel reads eight
+       rows side by side, which the memory served at half the speed of a sequential read on
+       a Zen 4: there, float32, 2 threads, x copy, both builds in one process: moments
+       100352x256 1.20-1.97 -> 0.67-0.98 (the VM's two memory speeds), 401408x64 0.75 -> 0.65;
+       training 100352x256 2.28-2.32 -> 1.71-1.76. Data in the cache keeps the eight-row
+       kernel (25088x64 training 2.58-2.66 both). */
+    static void fastbn_rows_sums_stream_f32(const float *x, Py_ssize_t rows, Py_ssize_t C,
+                                            const double *shift, double *part1, double *part2) {
+        const fastbn_v8f zero = {0};
+        fastbn_v8f m[FASTBN_COLS / 16], p[FASTBN_COLS / 16], r2[FASTBN_COLS / 16],
+                   t[FASTBN_COLS / 16], pq[FASTBN_COLS / 16], rq[FASTBN_COLS / 16],
+                   tq[FASTBN_COLS / 16], u, a;
+        fastbn_v4d t1[FASTBN_COLS / 8], t2[FASTBN_COLS / 8];
+        Py_ssize_t w, k, c, r, o, sample, body = C / 8 * 8;
+        if (body > FASTBN_COLS / 2) __builtin_unreachable();  /* see fastbn_rows_sums_mem_f32 */
+        sample = FASTBN_SAMPLE_ROWS < rows ? FASTBN_SAMPLE_ROWS : rows;
+        w = body / 8;
+        if (w > 0 && rows > 0) {
+            for (k = 0; k < w; k++) {  /* the centers, as in FASTBN_ROWS_SUMS_MEM */
+                memcpy(&m[k], x + 8 * k, 32);
+                a = zero;
+                for (r = 0; r < sample; r++) {
+                    memcpy(&u, x + r * C + 8 * k, 32);
+                    a += u - m[k];
+                }
+                m[k] += a / (float)sample;
+            }
+            for (k = 0; k < 2 * w; k++) t1[k] = t2[k] = (fastbn_v4d){0, 0, 0, 0};
+            for (r = 0; r + 8 <= rows; r += 8) {
+    #define FASTBN_ROW(J, OPS)                                                                  \
+                o = (r + J) * C;                                                                \
+                for (k = 0; k < w; k++) {                                                       \
+                    memcpy(&u, x + o + 8 * k, 32);                                              \
+                    u -= m[k];                                                                  \
+                    OPS                                                                         \
+                }
+                FASTBN_ROW(0, p[k] = u; pq[k] = u * u;)
+                FASTBN_ROW(1, p[k] += u; pq[k] += u * u;)
+                FASTBN_ROW(2, r2[k] = u; rq[k] = u * u;)
+                FASTBN_ROW(3, r2[k] += u; rq[k] += u * u; p[k] += r2[k]; pq[k] += rq[k];)
+                FASTBN_ROW(4, r2[k] = u; rq[k] = u * u;)
+                FASTBN_ROW(5, r2[k] += u; rq[k] += u * u;)
+                FASTBN_ROW(6, t[k] = u; tq[k] = u * u;)
+                FASTBN_ROW(7, t[k] += u; tq[k] += u * u; r2[k] += t[k]; rq[k] += tq[k];
+                              fastbn_widen_add(t1 + 2 * k, p[k] + r2[k]);
+                              fastbn_widen_add(t2 + 2 * k, pq[k] + rq[k]);)
+    #undef FASTBN_ROW
+            }
+            if (r < rows) {  /* the last rows, in order, as the eight-row kernel */
+                for (k = 0; k < w; k++) p[k] = pq[k] = zero;
+                for (; r < rows; r++)
+                    for (k = 0; k < w; k++) {
+                        memcpy(&u, x + r * C + 8 * k, 32);
+                        u -= m[k];
+                        p[k] += u;
+                        pq[k] += u * u;
+                    }
+                for (k = 0; k < w; k++) {
+                    fastbn_widen_add(t1 + 2 * k, p[k]);
+                    fastbn_widen_add(t2 + 2 * k, pq[k]);
+                }
+            }
+            fastbn_rows_sums_finish_f32(x, rows, C, 0, 8 * w, m, t1, t2, shift, part1, part2);
+        }
+        for (c = body; c < C; c++) fastbn_rows_sums_wide_f32(x, rows, C, c, shift, part1, part2);
+    }
     static void fastbn_rows_sums_mem_f32(const float *x, Py_ssize_t rows, Py_ssize_t C,
                                          const double *shift, double *part1, double *part2,
                                          int cached) {
+        if (!cached && C / 8 * 8 <= FASTBN_COLS / 2) {
+            fastbn_rows_sums_stream_f32(x, rows, C, shift, part1, part2);
+            return;
+        }
     #if defined(__AVX512F__)
         if (cached && C % 16 == 0) {
             fastbn_rows_sums_mem16_f32(x, rows, C, shift, part1, part2);
@@ -1342,7 +1418,8 @@ fastbn_grad_ahead = gradient_prefetch()
 DEF TILE_BYTES = 16384
 DEF ALIAS_WINDOW = 128                   # bytes; see _aliases
 # Channels-last float32 moments from this many channels on: eight rows per pass over the row
-# (fastbn_rows_sums_mem_f32; float32 register tiles below), and from MEM_SUMS_BELOW channels
+# from the cache, row by row from memory (fastbn_rows_sums_mem_f32; float32 register tiles
+# below), and from MEM_SUMS_BELOW channels
 # float64 lanes (_cl_block_moments). Measured on Zen 5 (AVX-512), tiles -> float64 lanes, ms:
 # 401408x64 4.37 -> 2.49, 100352x256 4.56 -> 2.54, 3136x2048 0.78 -> 0.54; but 400000x8 0.12
 # -> 0.30, 1000000x32 1.91 -> 2.54. On Zen 3 (AVX2), interleaved, lanes -> eight-row float32

@@ -893,6 +893,35 @@ def test_streamed_channels_last_gradient_sums_equal_cached(rng, channels):
             assert a.tobytes() == b.tobytes()
 
 
+@pytest.mark.parametrize("channels", [64, 97, 256, 504, 511, 512])
+def test_streamed_channels_last_moments_equal_cached(rng, channels):
+    """Channels-last float32 moments of 64 to 511 channels go row by row from memory (streamed
+    outputs) and eight rows per pass from the cache: the same sums bit for bit, in training's
+    statistics and output, including a channel whose float32 sums fall back to float64 (NaN)
+    and a constant one; 77 rows: nine eight-row groups and a tail."""
+    if "cython" not in fastbn.available_backends():
+        pytest.skip("the cython backend is not built")
+    from fastbn._kernels import _tuning
+    x = (rng.standard_normal((77, channels)) * 3 + 100).astype(np.float32)
+    x[:, 1] = np.nan
+    x[:, 2] = 7.0
+
+    def run(stream_above):
+        previous = _tuning(STREAM_ABOVE=stream_above)
+        try:
+            stats = fastbn.moments(x, axis=-1, backend="cython")
+            y = fastbn.batch_norm(x, None, None, None, None, True, axis=-1, backend="cython")
+            return stats.mean, stats.m2, y
+        finally:
+            _tuning(**previous)
+
+    streamed, cached = run(0), run(1 << 40)
+    for a, b in zip(streamed, cached):
+        assert a.tobytes() == b.tobytes()
+    want = fastbn._backends.get_backend("numpy").moments(x.reshape(77, channels, 1))
+    np.testing.assert_allclose(cached[0][3:], want[1][3:], rtol=1e-6)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape", [(6, 37, 7, 7), (5, 11, 300), (3, 9, 9)])
 def test_channel_groups_and_blocks_match_the_reference(rng, dtype, shape):
