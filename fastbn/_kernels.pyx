@@ -2203,8 +2203,9 @@ cdef inline void _cl_elementwise_block(Elementwise* E, floating* tag, Layout L, 
 
 
 cdef inline Py_ssize_t _param_stride(Py_ssize_t C) noexcept nogil:
-    """Entries per parameter array: C, plus one vector's worth for the channels-last wrap."""
-    return C + PARAM_PAD
+    """Entries per parameter array: C, plus one vector's worth for the channels-last wrap,
+    rounded up to whole 64-byte lines (see _params_at)."""
+    return (C + PARAM_PAD + 15) // 16 * 16
 
 
 cdef inline void _extend(floating* tag, void* values, Py_ssize_t C) noexcept nogil:
@@ -2470,12 +2471,24 @@ cdef class _Scratch:
     cdef char* memory
 
     def __cinit__(self, Py_ssize_t nbytes):
-        self.memory = <char*> calloc(max(nbytes, 1), 1)
+        self.memory = <char*> calloc(max(nbytes, 1) + 128, 1)  # + 128: see _params_at
         if self.memory == NULL:
             raise MemoryError(f"fastbn: cannot allocate {nbytes} bytes of scratch memory")
 
     def __dealloc__(self):
         free(self.memory)
+
+
+cdef inline void* _params_at(void* p, const void* out, Layout L) noexcept nogil:
+    """Where the per-channel parameters of an element-wise pass start in a _Scratch, from p on:
+    on a 64-byte line boundary, or, when the output is streamed, at the output's offset within
+    a line. Channels-last rows load the parameters of a data vector's channels beside it, and
+    the data vectors start at the row's start, or (streamed) at the output's first line
+    boundary: so those loads are one line each, not split across two (calloc aligns to 16
+    bytes, and NumPy's large arrays sit 16 bytes into a line). Float32, 1 thread: 1024x256
+    inference in the cache 43 -> 32 us."""
+    cdef size_t offset = (<size_t> out & 63) if L.stream and L.inner == 1 else 0
+    return <void*> (((<size_t> p + 63) & ~(<size_t> 63)) + offset)
 
 
 cdef Py_ssize_t _partial_slots(Layout L, Py_ssize_t group):
@@ -2501,7 +2514,7 @@ cdef _run_normalize(floating* tag, cnp.ndarray x, cnp.ndarray mean, cnp.ndarray 
                     cnp.ndarray shift, residual, bint relu, cnp.ndarray out, Layout L):
     cdef Py_ssize_t C = L.channels, S = _param_stride(C), c
     cdef _Scratch scratch = _Scratch(4 * S * sizeof(floating))
-    cdef floating* params = <floating*> scratch.memory
+    cdef floating* params = <floating*> _params_at(scratch.memory, _ptr(out), L)
     mean, scale, shift = _as_f64(mean), _as_f64(scale), _as_f64(shift)
     cdef double* mean_p = _f64(mean)
     cdef double* scale_p = _f64(scale)
@@ -2529,7 +2542,7 @@ cdef _run_train_forward(floating* tag, cnp.ndarray x, cnp.ndarray weight, cnp.nd
     cdef _Scratch scratch = _Scratch((4 * C + 2 * P) * sizeof(double)
                                      + 4 * S * sizeof(floating))
     cdef double* f64 = <double*> scratch.memory
-    cdef floating* params = <floating*> (f64 + 4 * C + 2 * P)
+    cdef floating* params = <floating*> _params_at(f64 + 4 * C + 2 * P, _ptr(out), L)
     cdef floating* xp = <floating*> _ptr(x)
     cdef floating* yp = <floating*> _ptr(out)
     cdef floating* rp = <floating*> _ptr(residual)
@@ -2557,7 +2570,7 @@ cdef _backward_into(floating* tag, cnp.ndarray dy, cnp.ndarray x, const double* 
     cdef Py_ssize_t P = _partial_slots(L, group)
     cdef _Scratch scratch = _Scratch(2 * P * sizeof(double) + 5 * S * sizeof(floating))
     cdef double* partials = <double*> scratch.memory
-    cdef floating* params = <floating*> (partials + 2 * P)
+    cdef floating* params = <floating*> _params_at(partials + 2 * P, _ptr(out), L)
     cdef floating* dyp = <floating*> _ptr(dy)
     cdef floating* xp = <floating*> _ptr(x)
     cdef floating* op = <floating*> _ptr(output)
@@ -2651,7 +2664,7 @@ cdef _fast_run(floating* tag, cnp.ndarray x, object running_mean, object running
     # f64: weight, bias, shift, sum1, sum2, mean, m2, var, partials; params: hi, lo, scale, shift
     cdef _Scratch scratch = _Scratch((8 * C + 2 * P) * sizeof(double) + 4 * S * sizeof(floating))
     cdef double* f64 = <double*> scratch.memory
-    cdef floating* params = <floating*> (f64 + 8 * C + 2 * P)
+    cdef floating* params = <floating*> _params_at(f64 + 8 * C + 2 * P, cnp.PyArray_DATA(y), L)
     cdef floating* xp = <floating*> cnp.PyArray_DATA(x)
     cdef floating* yp = <floating*> cnp.PyArray_DATA(y)
     cdef Elementwise E
@@ -2816,7 +2829,7 @@ cdef _fast_affine_run(floating* tag, cnp.ndarray x, object scale, object shift, 
     # f64: scale, shift; params: hi, lo, scale, shift
     cdef _Scratch scratch = _Scratch(2 * C * sizeof(double) + 4 * S * sizeof(floating))
     cdef double* f64 = <double*> scratch.memory
-    cdef floating* params = <floating*> (f64 + 2 * C)
+    cdef floating* params = <floating*> _params_at(f64 + 2 * C, cnp.PyArray_DATA(y), L)
     _load(scale, f64, C, 1.0)
     _load(shift, f64 + C, C, 0.0)
     for c in range(C):
