@@ -1970,13 +1970,16 @@ cdef inline void _emit(Elementwise* E, floating* dst, Py_ssize_t src, Py_ssize_t
         _eltwise_run(E, dst, src, n, c, period, seg, stream)
         return
     step = TILE_BYTES // sizeof(floating)
-    if seg > 0:
-        step = max(1, step // seg) * seg  # whole channels
+    if 0 < seg <= step:
+        step = step // seg * seg  # whole channels
     while k < n:
         m = min(step, n - k)
         tile = <floating*> (buf + ((<Py_ssize_t> (dst + k) - <Py_ssize_t> buf - 2048) & 4095))
-        if seg > 0:
+        if 0 < seg <= step:
             _eltwise_run(E, tile, src + k, m, c + k // seg, 0, seg, False)
+        elif seg > 0:  # channels longer than a tile: pieces within one channel
+            m = min(m, seg - k % seg)
+            _eltwise_run(E, tile, src + k, m, c + k // seg, 1, 0, False)
         elif period == 1:
             _eltwise_run(E, tile, src + k, m, c, 1, 0, False)
         else:
