@@ -36,8 +36,8 @@ from libc.string cimport memcpy
 cimport numpy as cnp
 import numpy as np
 
-from ._config import (channel_group_bytes, gradient_prefetch, stream_above_bytes,
-                      streamed_store_alias_stall)
+from ._config import (channel_group_bytes, gradient_prefetch, overlap_groups,
+                      stream_above_bytes, streamed_store_alias_stall)
 
 cnp.import_array()
 
@@ -1449,8 +1449,9 @@ cdef Py_ssize_t GRAD_MEM_BELOW = 1024
 # Channels-first training and backward overlap the groups: each parallel pass sums one channel
 # group (read from memory) while it writes the element-wise output of the group before (from
 # the cache), span beside span in one loop (see _cf_pass). False: one group after the other,
-# sums then output. The results are the same bits either way.
-cdef bint OVERLAP = True
+# sums then output. The results are the same bits either way; which is faster depends on the
+# processor (fastbn._config.overlap_groups).
+cdef bint OVERLAP = overlap_groups()
 cdef bint PACK_GRAD = True              # see _cl_block_grad
 DEF ROW_TASKS = 16                       # see _set_group
 DEF LONG_SPAN = 256                      # channels-first rows this long: one run per row

@@ -30,3 +30,33 @@ def test_show_config_reports_the_facts(capsys):
         assert key in printed
     assert f"threads                {fastbn.get_num_threads()}" in printed
     assert fastbn.__version__ in printed
+
+
+CPUINFO = "processor\t: 0\nvendor_id\t: {}\ncpu family\t: {}\nmodel\t\t: {}\nmodel name\t: x\n\n"
+
+
+@pytest.mark.parametrize("vendor, family, model, overlap, alias_guard", [
+    ("AuthenticAMD", 0x19, 0x11, False, False),  # Zen 4 (Genoa): groups one after the other
+    ("AuthenticAMD", 0x19, 0x01, True, False),   # Zen 3 (Milan)
+    ("AuthenticAMD", 0x17, 0x01, True, True),    # Zen 1
+    ("AuthenticAMD", 0x1A, 0x02, True, False),   # Zen 5
+    ("GenuineIntel", 6, 0x8F, True, False),
+])
+def test_processor_choices_follow_cpuinfo(monkeypatch, tmp_path, vendor, family, model, overlap,
+                                          alias_guard):
+    """The per-processor choices read vendor, family and model from /proc/cpuinfo."""
+    from fastbn import _config
+    info = tmp_path / "cpuinfo"
+    info.write_text(CPUINFO.format(vendor, family, model) * 2)
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda path, *a, **k: real_open(
+        info if path == "/proc/cpuinfo" else path, *a, **k))
+    _config._cpu_id.cache_clear()
+    try:
+        assert _config._cpu_id() == (vendor, family, model)
+        assert _config.overlap_groups() is overlap
+        assert _config.streamed_store_alias_stall() is alias_guard
+        assert _config.gradient_prefetch() is (vendor == "GenuineIntel")
+    finally:
+        monkeypatch.undo()
+        _config._cpu_id.cache_clear()
