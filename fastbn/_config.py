@@ -162,19 +162,25 @@ def gradient_prefetch() -> bool:
     return cpu_vendor() == "GenuineIntel"
 
 
-def overlap_groups() -> bool:
-    """Whether the Cython channels-first training and backward overlap the channel groups (one
-    pass sums group k from memory while it writes group k - 1's output from the cache) or run
-    them one after the other (the same bits either way). Measured, not guessed: on a Zen 3
-    (512 KB L2) the overlap gained about 10% (32x64x112x112 float32 training 1.86 -> 1.66x
-    copy, backward 2.46 -> 2.10); on a Zen 4 (1 MB L2) it lost, in one process, interleaved,
-    2 threads, x copy, overlap / one after the other: training 32x256x56x56 2.10-2.16 /
-    1.68-1.78, 32x64x112x112 1.96-2.03 / 1.72-1.78; backward 3.41-3.56 / 2.75-2.80,
-    32x64x112x112 2.94-3.04 / 2.60-2.68 (in the VM's slower memory mode, rarer, training
-    32x64x112x112 1.41 / 1.64 but backward 2.52-2.56 / 2.38-2.41; in absolute time the faster
-    mode without overlap beats both). Other processors keep the overlap, as measured first.
+def overlap_groups(backward: bool = False) -> bool:
+    """Whether the Cython channels-first training (or, with `backward`, backward) overlaps the
+    channel groups: one pass sums group k from memory while it writes group k - 1's output
+    from the cache, instead of one group after the other (the same bits either way).
+
+    Measured, not guessed: on a Zen 3 (512 KB L2) the overlap gained about 10% in both
+    (32x64x112x112 float32 training 1.86 -> 1.66x copy, backward 2.46 -> 2.10). On a Zen 4
+    (1 MB L2), whose memory switches between two speeds, in one process, interleaved, 2
+    threads, x copy, overlap / one after the other:
+
+    - backward, lost in both speeds: 32x256x56x56 3.41-3.56 / 2.75-2.80 (fast memory) and
+      2.52-2.56 / 2.38-2.41 (slow), 32x64x112x112 2.94-3.04 / 2.60-2.68 (fast);
+    - training, won in the slow speed and lost in the fast one, by about as much time:
+      32x64x112x112 1.37-1.41 / 1.64-1.67 (slow), 1.96-2.20 / 1.72-1.81 (fast), 32x256x56x56
+      2.10-2.22 / 1.68-1.83 (fast). Training keeps the overlap.
+
+    Other processors keep the overlap, as measured first.
     """
-    return not _is_zen4()
+    return not (backward and _is_zen4())
 
 
 def _numba_threading_layer() -> str:
@@ -219,9 +225,10 @@ def config() -> dict:
                           f"and backward)",
         "gradient prefetch": "on (channels-first gradient sums read 2 KB ahead)"
         if gradient_prefetch() else "off (the hardware prefetchers suffice here)",
-        "group overlap": "on (channels-first training and backward: group sums beside the "
-                         "previous group's output)" if overlap_groups()
-                         else "off (channels-first groups one after the other)",
+        "group overlap": ", ".join(
+            f"{name} {'on' if overlap_groups(name == 'backward') else 'off'}"
+            for name in ("training", "backward"))
+        + " (channels-first: a group's sums beside the previous group's output)",
         "4 KB alias guard": "on (streamed outputs that alias an input go through an L1 tile)"
         if streamed_store_alias_stall() else "off (not needed on this processor)",
     }

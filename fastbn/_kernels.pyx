@@ -1450,8 +1450,9 @@ cdef Py_ssize_t GRAD_MEM_BELOW = 1024
 # group (read from memory) while it writes the element-wise output of the group before (from
 # the cache), span beside span in one loop (see _cf_pass). False: one group after the other,
 # sums then output. The results are the same bits either way; which is faster depends on the
-# processor (fastbn._config.overlap_groups).
+# processor (fastbn._config.overlap_groups); OVERLAP_GRAD for the backward.
 cdef bint OVERLAP = overlap_groups()
+cdef bint OVERLAP_GRAD = overlap_groups(backward=True)
 cdef bint PACK_GRAD = True              # see _cl_block_grad
 DEF ROW_TASKS = 16                       # see _set_group
 DEF LONG_SPAN = 256                      # channels-first rows this long: one run per row
@@ -1470,9 +1471,9 @@ def _tuning(**changes):
     """Read (and, for experiments, change) the tuning constants; returns the previous values."""
     global SEGMENT, ROW_BLOCK_BYTES, MAX_ROW_BLOCKS, GROUP_BYTES, SERIAL_BELOW, STREAM_ABOVE
     global ALIAS_GUARD, LANES_FROM, MEM_SUMS_BELOW, GRAD_LANES_STREAMED, MIN_BLOCK_ROWS
-    global GRAD_MEM_BELOW, OVERLAP, COLUMN_SPAN, COLUMN_ROWS, COLUMN_BLOCK, PACK_GRAD
+    global GRAD_MEM_BELOW, OVERLAP, OVERLAP_GRAD, COLUMN_SPAN, COLUMN_ROWS, COLUMN_BLOCK, PACK_GRAD
     global ELEMENTWISE_SPAN
-    previous = dict(OVERLAP=OVERLAP, ELEMENTWISE_SPAN=ELEMENTWISE_SPAN, COLUMN_SPAN=COLUMN_SPAN, COLUMN_ROWS=COLUMN_ROWS,
+    previous = dict(OVERLAP=OVERLAP, OVERLAP_GRAD=OVERLAP_GRAD, ELEMENTWISE_SPAN=ELEMENTWISE_SPAN, COLUMN_SPAN=COLUMN_SPAN, COLUMN_ROWS=COLUMN_ROWS,
                     COLUMN_BLOCK=COLUMN_BLOCK, LANES_FROM=LANES_FROM,
                     MEM_SUMS_BELOW=MEM_SUMS_BELOW, MIN_BLOCK_ROWS=MIN_BLOCK_ROWS,
                     GRAD_MEM_BELOW=GRAD_MEM_BELOW, GRAD_LANES_STREAMED=GRAD_LANES_STREAMED,
@@ -1496,6 +1497,8 @@ def _tuning(**changes):
     MIN_BLOCK_ROWS = changes.get("MIN_BLOCK_ROWS", MIN_BLOCK_ROWS)
     GRAD_MEM_BELOW = changes.get("GRAD_MEM_BELOW", GRAD_MEM_BELOW)
     GRAD_LANES_STREAMED = changes.get("GRAD_LANES_STREAMED", GRAD_LANES_STREAMED)
+    # OVERLAP alone sets both passes' schedule
+    OVERLAP_GRAD = changes.get("OVERLAP_GRAD", changes.get("OVERLAP", OVERLAP_GRAD))
     OVERLAP = changes.get("OVERLAP", OVERLAP)
     PACK_GRAD = changes.get("PACK_GRAD", PACK_GRAD)
     COLUMN_SPAN = changes.get("COLUMN_SPAN", COLUMN_SPAN)
@@ -2429,7 +2432,7 @@ cdef void _backward(const floating* dy, const floating* x, const floating* outpu
     E = _dx_args(dy, x if training else NULL, output, dx, a, hi, lo, b, c_)
     cdef char* bufs = _tiles(&E, L)
     cdef Py_ssize_t e0 = 0, e1 = 0  # as in _train_forward
-    cdef bint overlap = OVERLAP and L.inner >= LONG_SPAN
+    cdef bint overlap = OVERLAP_GRAD and L.inner >= LONG_SPAN
     c0 = 0
     while c0 < L.channels or e0 < e1:
         c1 = min(L.channels, c0 + group)
