@@ -355,6 +355,26 @@ def test_streamed_outputs_equal_cached_stores(monkeypatch, dtype, shape):
             assert got.tobytes() == want.tobytes()
 
 
+@pytest.mark.parametrize("channels", [63, 64, 97, 256, 512, 513])
+def test_channels_last_moments_by_rows_equal_eight_rows(channels):
+    """Channels-last float32 statistics from memory (64 to 512 channels) build the eight-row
+    trees one whole row after another; from the cache, eight rows side by side: the same sums
+    bit for bit, with a channel whose float32 sums fall back to float64 (NaN) and a constant
+    one; 77 rows: nine eight-row groups and a tail."""
+    rng = np.random.default_rng(11)
+    x = (rng.standard_normal((77, channels, 1)) * 3 + 100).astype(np.float32)
+    x[:, 1] = np.nan
+    x[:, 2] = 7.0
+    from_memory = numba_kernels._hwc_moments(x, np.bool_(True))
+    from_cache = numba_kernels._hwc_moments(x, np.bool_(False))
+    for a, b in zip(from_memory, from_cache):
+        assert a.tobytes() == b.tobytes()
+    want = x[:, 3:, 0].astype(np.float64)
+    np.testing.assert_allclose(from_cache[0][3:], want.mean(axis=0), rtol=1e-6)
+    np.testing.assert_allclose(from_cache[1][3:], ((want - want.mean(axis=0)) ** 2).sum(axis=0),
+                               rtol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("inner", [7, 8, 15, 16, 17, 49, 196, numba_kernels.RUN])
 def test_short_rows_normalized_across_channels(monkeypatch, dtype, inner):
