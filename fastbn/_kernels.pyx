@@ -1970,16 +1970,18 @@ cdef inline void _emit(Elementwise* E, floating* dst, Py_ssize_t src, Py_ssize_t
     nor the streamed copy reads an address that aliases a pending non-temporal store."""
     cdef Py_ssize_t k = 0, m, step
     cdef floating* tile
+    cdef bint whole_channels
     if buf == NULL or not stream:
         _eltwise_run(E, dst, src, n, c, period, seg, stream)
         return
     step = TILE_BYTES // sizeof(floating)
-    if 0 < seg <= step:
-        step = step // seg * seg  # whole channels
+    whole_channels = 0 < seg <= step  # else pieces within one channel
+    if whole_channels:
+        step = step // seg * seg
     while k < n:
         m = min(step, n - k)
         tile = <floating*> (buf + ((<Py_ssize_t> (dst + k) - <Py_ssize_t> buf - 2048) & 4095))
-        if 0 < seg <= step:
+        if whole_channels:
             _eltwise_run(E, tile, src + k, m, c + k // seg, 0, seg, False)
         elif seg > 0:  # channels longer than a tile: pieces within one channel
             m = min(m, seg - k % seg)

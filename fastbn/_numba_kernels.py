@@ -1948,7 +1948,8 @@ def _hwc_moments(x, from_memory):
     nblocks = (outer + rb - 1) // rb
     part_s = np.empty((nblocks, channels))
     part_q = np.empty((nblocks, channels))
-    by_rows = from_memory and 64 <= channels <= 512
+    # From memory, 64-512 channels: float32 trees built row by row, float64 lanes prefetched
+    mid_from_memory = from_memory and 64 <= channels <= 512
     for b in prange(nblocks):
         for c in range(channels):
             part_s[b, c] = 0.0
@@ -1956,10 +1957,10 @@ def _hwc_moments(x, from_memory):
         r0 = b * rb
         if _is_float32(x) and channels < GRAD32_BELOW:
             _rows_moments32(xf, r0 * channels, min(outer, r0 + rb) - r0, channels, shift,
-                            part_s[b], part_q[b], by_rows)
+                            part_s[b], part_q[b], mid_from_memory)
         else:
             _lanes_moments(xf, r0 * channels, min(outer, r0 + rb) - r0, channels, channels,
-                           shift, part_s[b], part_q[b], by_rows)
+                           shift, part_s[b], part_q[b], mid_from_memory)
     nchunks = (channels + MERGE_CHUNK - 1) // MERGE_CHUNK
     for k in prange(nchunks):
         _hwc_merge_chunk(part_s, part_q, rb, outer, k * MERGE_CHUNK,
