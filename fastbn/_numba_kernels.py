@@ -149,6 +149,14 @@ MERGE_CHUNK = 256
 # blocks they take (each block ends with a pass over its channels).
 COLS = 1024
 MAX_ROW_BLOCKS = 64
+# Channels-first float32 moments of rows shorter than COLUMNS32_BELOW (7x7, 14x14 images) sum
+# a block's columns in float32 trees (_cols_moments32) when a channel has COLUMNS32_FROM values
+# or more in the block, as the Cython backend's columns (COLUMN_SPAN, FASTBN_COL_FLOAT32_FROM):
+# fewer values cost little in float64 and keep small inputs' M2 within 1e-15 of NumPy's; longer
+# rows keep the float64 lanes (M2 within 1e-10 of NumPy's at an offset of 1e4, float32 trees
+# 3e-9).
+COLUMNS32_BELOW = 256
+COLUMNS32_FROM = 1024
 # Channels-first training (float32) and backward of rows of OVERLAP_FROM values or more, with
 # streamed outputs, overlap the channel groups: one parallel pass sums group k (from memory)
 # while it streams group k-1's output (from the cache), in the same loop (see _unit_pair). The
@@ -427,93 +435,112 @@ def _tree8_by_rows(xf, b, n, stride, m, u0, u1, v0, v1, w0, w1):
 
 
 @njit(**_JIT)
-def _rows_moments32(xf, start, rows, width, shift, s, q, by_rows):
+def _trees32(xf, first, rows, stride, n, m, t1, t2, w32, by_rows):
+    """t1[c] += sum(d), t2[c] += sum(d * d) over the rows from `first` (`stride` values apart)
+    of columns c < n, d = x - m[c] in float32: eight rows per update added as a float32 tree,
+    each tree widened into float64 in a loop of its own (see _span_moments32); the last rows
+    as one more tree. `by_rows`: see _tree8_by_rows. w32 rows 1-6: the trees' scratch.
+    Flat arrays at unsigned indices, no slices (see _rows_grad32)."""
+    u0 = w32[1, :n]
+    u1 = w32[2, :n]
+    v0 = w32[3, :n]
+    v1 = w32[4, :n]
+    z0 = w32[5, :n]
+    z1 = w32[6, :n]
+    # Offsets of rows 1..7 as unsigned values computed outside the loop (an int64 times a
+    # uint64 is a float64 in Numba; in the loop it cost 3x).
+    w1, w2, w3 = np.uint64(stride), np.uint64(2 * stride), np.uint64(3 * stride)
+    w4, w5, w6 = np.uint64(4 * stride), np.uint64(5 * stride), np.uint64(6 * stride)
+    w7 = np.uint64(7 * stride)
+    r = 0
+    while r + 8 <= rows:
+        b = first + np.uint64(r) * w1
+        if by_rows:
+            _tree8_by_rows(xf, b, n, w1, m, u0, u1, v0, v1, z0, z1)
+        else:
+            for c in range(n):
+                i = b + np.uint64(c)
+                mc = m[c]
+                d0 = xf[i] - mc
+                d1 = xf[i + w1] - mc
+                d2 = xf[i + w2] - mc
+                d3 = xf[i + w3] - mc
+                d4 = xf[i + w4] - mc
+                d5 = xf[i + w5] - mc
+                d6 = xf[i + w6] - mc
+                d7 = xf[i + w7] - mc
+                u0[c] = ((d0 + d1) + (d2 + d3)) + ((d4 + d5) + (d6 + d7))
+                u1[c] = (((d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3))
+                           + ((d4 * d4 + d5 * d5) + (d6 * d6 + d7 * d7)))
+        for c in range(n):
+            t1[c] += np.float64(u0[c])
+            t2[c] += np.float64(u1[c])
+        r += 8
+    if r < rows:
+        for c in range(n):
+            u0[c] = 0.0
+            u1[c] = 0.0
+        for j in range(r, rows):
+            b = first + np.uint64(j) * w1
+            for c in range(n):
+                d = xf[b + np.uint64(c)] - m[c]
+                u0[c] += d
+                u1[c] += d * d
+        for c in range(n):
+            t1[c] += np.float64(u0[c])
+            t2[c] += np.float64(u1[c])
+
+
+@njit(inline="always", **_JIT)
+def _trusted(sum1, sum2, count):
+    """Whether float32 sums about a center can be re-centred: finite, not tiny, and no
+    cancellation (a center far from the values' mean)."""
+    return (np.isfinite(sum1) and np.isfinite(sum2) and sum2 >= count * 1e-30
+            and sum1 * sum1 <= sum2 * count * (1.0 - 1.0 / CANCEL))
+
+
+@njit(**_JIT)
+def _rows_moments32(xf, start, rows, width, shift, s, q, by_rows, w32, w64):
     """Channels-last float32 statistics of `rows` contiguous rows of `width` channels from
     `start`, added to the float64 s[c] += sum(x - shift[c]), q[c] += sum((x - shift[c])**2):
     the Cython backend's scheme (fastbn_rows_sums_mem_f32). d = x - m in float32 about a
     float32 center m per channel (the first row plus the mean difference of the first eight
     rows; a sample of 64 rows, as Cython's, was a second pass over short blocks: one thread,
-    32 rows of 2048 channels in L2, 4.1 -> 4.4 values per ns), eight rows per update added as
-    a float32 tree, each tree widened into float64 in a loop of its own (see
-    _span_moments32), then re-centred on shift. A channel whose sums are
-    not finite, tiny, or show cancellation (a center far from the block's mean) is summed again
-    in float64. Flat arrays at unsigned indices, no slices (see _rows_grad32); COLS channels at
-    a time, so that the float64 totals stay in L1. `by_rows` (data from memory): the trees
-    built one whole row after another (_tree8_by_rows); on a Zen 4, float32, 2 threads, x copy,
-    interleaved, against the eight rows side by side: moments 100352x256 1.45-1.48 -> 0.84-0.88,
-    401408x64 0.80 -> 0.71 (Cython 0.62-0.68)."""
+    32 rows of 2048 channels in L2, 4.1 -> 4.4 values per ns), summed by _trees32, then
+    re-centred on shift. A channel whose sums are not trusted (_trusted) is summed again in
+    float64. COLS channels at a time, so that the float64 totals stay in L1. `by_rows` (data
+    from memory): the trees built one whole row after another (_tree8_by_rows); on a Zen 4,
+    float32, 2 threads, x copy, interleaved, against the eight rows side by side: moments
+    100352x256 1.45-1.48 -> 0.84-0.88, 401408x64 0.80 -> 0.71 (Cython 0.62-0.68). w32
+    (7 x COLS float32) and w64 (2 x COLS float64): the calling task's scratch."""
     cols = min(width, COLS)
-    m = np.empty(cols, np.float32)
-    u0 = np.empty(cols, np.float32)
-    u1 = np.empty(cols, np.float32)
-    v0 = np.empty(cols, np.float32)
-    v1 = np.empty(cols, np.float32)
-    w0 = np.empty(cols, np.float32)
-    w1 = np.empty(cols, np.float32)
-    t1 = np.empty(cols)
-    t2 = np.empty(cols)
-    # Offsets of rows 1..7 as unsigned values computed outside the loop (an int64 times a
-    # uint64 is a float64 in Numba; in the loop it cost 3x).
     stride = np.uint64(width)
-    w2, w3, w4 = np.uint64(2 * width), np.uint64(3 * width), np.uint64(4 * width)
-    w5, w6, w7 = np.uint64(5 * width), np.uint64(6 * width), np.uint64(7 * width)
     for c0 in range(0, width, cols):
         n = min(cols, width - c0)
         first = np.uint64(start + c0)
+        m = w32[0, :n]
+        t1 = w64[0, :n]
+        t2 = w64[1, :n]
         for c in range(n):
             m[c] = xf[first + np.uint64(c)]
             t1[c] = 0.0
             t2[c] = 0.0
-        if rows >= 8:  # the center: one update of eight rows, as below
+        if rows >= 8:  # the center: one update of eight rows, as _trees32's
             for c in range(n):
                 i = first + np.uint64(c)
                 mc = m[c]
                 m[c] = mc + ((((xf[i] - mc) + (xf[i + stride] - mc))
-                              + ((xf[i + w2] - mc) + (xf[i + w3] - mc)))
-                             + (((xf[i + w4] - mc) + (xf[i + w5] - mc))
-                                + ((xf[i + w6] - mc) + (xf[i + w7] - mc)))) / np.float32(8)
-        r = 0
-        while r + 8 <= rows:
-            b = first + np.uint64(r) * stride
-            if by_rows:
-                _tree8_by_rows(xf, b, n, stride, m, u0, u1, v0, v1, w0, w1)
-            else:
-                for c in range(n):
-                    i = b + np.uint64(c)
-                    mc = m[c]
-                    d0 = xf[i] - mc
-                    d1 = xf[i + stride] - mc
-                    d2 = xf[i + w2] - mc
-                    d3 = xf[i + w3] - mc
-                    d4 = xf[i + w4] - mc
-                    d5 = xf[i + w5] - mc
-                    d6 = xf[i + w6] - mc
-                    d7 = xf[i + w7] - mc
-                    u0[c] = ((d0 + d1) + (d2 + d3)) + ((d4 + d5) + (d6 + d7))
-                    u1[c] = (((d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3))
-                               + ((d4 * d4 + d5 * d5) + (d6 * d6 + d7 * d7)))
-            for c in range(n):
-                t1[c] += np.float64(u0[c])
-                t2[c] += np.float64(u1[c])
-            r += 8
-        if r < rows:  # the last rows, summed in float32 as one more tree
-            for c in range(n):
-                u0[c] = 0.0
-                u1[c] = 0.0
-            for j in range(r, rows):
-                b = first + np.uint64(j) * stride
-                for c in range(n):
-                    d = xf[b + np.uint64(c)] - m[c]
-                    u0[c] += d
-                    u1[c] += d * d
-            for c in range(n):
-                t1[c] += np.float64(u0[c])
-                t2[c] += np.float64(u1[c])
+                              + ((xf[i + np.uint64(2) * stride] - mc)
+                                 + (xf[i + np.uint64(3) * stride] - mc)))
+                             + (((xf[i + np.uint64(4) * stride] - mc)
+                                 + (xf[i + np.uint64(5) * stride] - mc))
+                                + ((xf[i + np.uint64(6) * stride] - mc)
+                                   + (xf[i + np.uint64(7) * stride] - mc)))) / np.float32(8)
+        _trees32(xf, first, rows, width, n, m, t1, t2, w32, by_rows)
         for c in range(n):
             sum1 = t1[c]
             sum2 = t2[c]
-            if (np.isfinite(sum1) and np.isfinite(sum2) and sum2 >= rows * 1e-30
-                    and sum1 * sum1 <= sum2 * rows * (1.0 - 1.0 / CANCEL)):
+            if _trusted(sum1, sum2, rows):
                 delta = np.float64(m[c]) - shift[c0 + c]
                 s[c0 + c] += sum1 + rows * delta
                 q[c0 + c] += sum2 + (2.0 * delta) * sum1 + rows * (delta * delta)
@@ -523,6 +550,79 @@ def _rows_moments32(xf, start, rows, width, shift, s, q, by_rows):
                         - shift[c0 + c]
                     s[c0 + c] += e
                     q[c0 + c] += e * e
+
+
+@njit(**_JIT)
+def _cols_moments32(xf, start, rows, stride, chans, inner, shift, sum1, sum2, w32, w64):
+    """Channels-first float32 statistics of a block of short rows (7x7, 14x14 images): `rows`
+    rows n from `start`, `stride` values apart, each holding `chans` channels of `inner` values
+    side by side; sets sum1[c] = sum(x - shift[c]), sum2[c] = sum((x - shift[c])**2).
+
+    The block's columns (a channel's position i) are summed down the rows by _trees32, about
+    one float32 center per channel (its first value plus the mean difference of its first
+    column's first eight rows), so a channel's column totals add up before the one re-centring
+    on shift[c] and the one _trusted test, as the Cython backend's fastbn_cols_sums_f32; a
+    test and re-centring per column cost 13 cycles a column, most of the time of 32-row blocks
+    (32x1280x7x7 moments, one thread: 390 us in float64 lanes, 506 us so). A channel not
+    trusted is summed again in float64. w32 (7 x COLS float32), w64 (2 x COLS float64): the
+    calling task's scratch."""
+    tile = max(1, COLS // inner)
+    count = rows * inner
+    w1 = np.uint64(stride)
+    ahead = min(rows, 8)
+    for k0 in range(0, chans, tile):
+        nch = min(tile, chans - k0)
+        n = nch * inner
+        first = np.uint64(start + k0 * inner)
+        m = w32[0, :n]
+        t1 = w64[0, :n]
+        t2 = w64[1, :n]
+        for c in range(nch):
+            i = first + np.uint64(c * inner)
+            x0 = xf[i]
+            d = np.float32(0.0)
+            for r in range(1, ahead):
+                d += xf[i + np.uint64(r) * w1] - x0
+            m[c * inner:(c + 1) * inner] = x0 + d / np.float32(ahead)
+        t1[:] = 0.0
+        t2[:] = 0.0
+        _trees32(xf, first, rows, stride, n, m, t1, t2, w32, False)
+        for c in range(nch):
+            o = c * inner
+            a1 = b1 = c1 = e1 = 0.0  # four chains each: the column totals, in a fixed order
+            a2 = b2 = c2 = e2 = 0.0
+            i = 0
+            while i + 4 <= inner:
+                a1 += t1[o + i]
+                b1 += t1[o + i + 1]
+                c1 += t1[o + i + 2]
+                e1 += t1[o + i + 3]
+                a2 += t2[o + i]
+                b2 += t2[o + i + 1]
+                c2 += t2[o + i + 2]
+                e2 += t2[o + i + 3]
+                i += 4
+            while i < inner:
+                a1 += t1[o + i]
+                a2 += t2[o + i]
+                i += 1
+            a1 = (a1 + b1) + (c1 + e1)
+            a2 = (a2 + b2) + (c2 + e2)
+            sh = shift[k0 + c]
+            if _trusted(a1, a2, count):
+                delta = np.float64(m[o]) - sh
+                sum1[k0 + c] = a1 + count * delta
+                sum2[k0 + c] = a2 + (2.0 * delta) * a1 + count * (delta * delta)
+                continue
+            a1 = a2 = 0.0
+            for r in range(rows):
+                b = first + np.uint64(r) * w1 + np.uint64(o)
+                for j in range(inner):
+                    e = np.float64(xf[b + np.uint64(j)]) - sh
+                    a1 += e
+                    a2 += e * e
+            sum1[k0 + c] = a1
+            sum2[k0 + c] = a2
 
 
 @njit(**_JIT)
@@ -1463,20 +1563,34 @@ def _expand(v, ca, cb, inner):
 
 
 @njit(**_JIT)
-def _unit_sums(dyf, xf, of, shape, has_out, center, c0, c1, u, part_s, part_q, scratch):
+def _unit_sums(dyf, xf, of, shape, has_out, center, c0, c1, u, part_s, part_q, scratch,
+               scratch32):
     """Sums of work unit u into part_s/part_q[(c - c0) * bpc + j], block j, channel c.
 
     Shifted moments about `center` when dyf is None, else the backward sums about it (the mean).
-    Short rows: lanes across the run of the unit's channels, one run per image. Long rows (one
-    channel): each row's values as rows of LANES lanes plus a tail. dyf, xf, of: the flat
-    arrays, `shape` their (outer, channels, inner) view; scratch (3 x max(RUN, LANES) float64):
-    the calling task's.
+    Short rows: lanes across the run of the unit's channels, one run per image; float32 moments
+    of rows shorter than COLUMNS32_BELOW sum the run's columns (_cols_moments32). Long
+    rows (one channel): each row's values as rows of LANES lanes plus a tail. dyf, xf, of: the
+    flat arrays, `shape` their (outer, channels, inner) view; scratch (4 x max(RUN, LANES)
+    float64) and scratch32 (7 x COLS float32): the calling task's.
     """
     outer, channels, inner = shape
     bpc = _geometry(outer, inner)[3]
     ca, cb, start, rows, stride, width, j = _unit_rows(u, c0, c1, outer, channels, inner)
+    if (dyf is None and _is_float32(xf) and inner < COLUMNS32_BELOW
+            and rows * inner >= COLUMNS32_FROM):
+        s = scratch[0, :cb - ca]
+        q = scratch[1, :cb - ca]
+        _cols_moments32(xf, start, rows, stride, cb - ca, inner, center[ca:cb], s, q,
+                        scratch32, scratch[2:4])
+        for c in range(ca, cb):
+            part_s[(c - c0) * bpc + j] = s[c - ca]
+            part_q[(c - c0) * bpc + j] = q[c - ca]
+        return
     if inner <= RUN:
-        centerv = _expand(center.reshape((1, channels)), ca, cb, inner)[0]
+        centerv = scratch[2, :width]
+        for c in range(ca, cb):
+            centerv[(c - ca) * inner:(c - ca + 1) * inner] = center[c]
         period = inner
         s = scratch[0, :width]
         q = scratch[1, :width]
@@ -1646,10 +1760,11 @@ def _chw_partials(dy, x, output, has_out, center, c0, c1, part_s, part_q):
     part_s = _borrowed(part_s)
     part_q = _borrowed(part_q)
     for k in prange(chunks):
-        scratch = np.empty((3, max(RUN, LANES)))
+        scratch = np.empty((4, max(RUN, LANES)))
+        scratch32 = np.empty((7, COLS), np.float32)
         for u in range(np.int64(k) * UNIT_CHUNK, min(units, (np.int64(k) + 1) * UNIT_CHUNK)):
             _unit_sums(dyf, xf, of, x.shape, has_out, center, c0, c1, u, part_s, part_q,
-                       scratch)
+                       scratch, scratch32)
 
 
 @njit(**_JIT)
@@ -1957,7 +2072,9 @@ def _hwc_moments(x, from_memory):
         r0 = b * rb
         if _is_float32(x) and channels < GRAD32_BELOW:
             _rows_moments32(xf, r0 * channels, min(outer, r0 + rb) - r0, channels, shift,
-                            part_s[b], part_q[b], mid_from_memory)
+                            part_s[b], part_q[b], mid_from_memory,
+                            np.empty((7, min(channels, COLS)), np.float32),
+                            np.empty((2, min(channels, COLS))))
         else:
             _lanes_moments(xf, r0 * channels, min(outer, r0 + rb) - r0, channels, channels,
                            shift, part_s[b], part_q[b], mid_from_memory)

@@ -375,6 +375,30 @@ def test_channels_last_moments_by_rows_equal_eight_rows(channels):
                                rtol=1e-5)
 
 
+@pytest.mark.parametrize("shape", [(700, 45, 7), (700, 45, 49), (150, 45, 196), (100, 45, 7)])
+def test_channels_first_short_rows_moments_by_columns(shape):
+    """Channels-first float32 moments of rows shorter than COLUMNS32_BELOW sum each block's
+    columns in float32 trees about one center per channel (blocks of fewer than
+    COLUMNS32_FROM values per channel, the last shape, keep the float64 lanes): close to
+    float64 sums, with channels whose float32 sums fall back to float64 (NaN, a constant
+    channel, a center far from the mean: the first eight images offset), a large offset, and
+    units of several channels with a partial one."""
+    rng = np.random.default_rng(13)
+    x = (rng.standard_normal(shape) * 3 + 100).astype(np.float32)
+    x[:, 1] = np.nan
+    x[:, 2] = 7.0
+    x[:8, 3] += 1000.0
+    x[:, 4] += 1e4
+    mean, m2 = numba_kernels._chw_moments(x)
+    assert np.isnan(mean[1]) and np.isnan(m2[1])
+    assert mean[2] == 7.0 and m2[2] == 0.0
+    want = np.delete(x, 1, axis=1).astype(np.float64)
+    want_mean = want.mean(axis=(0, 2))
+    np.testing.assert_allclose(np.delete(mean, 1), want_mean, rtol=1e-6)
+    np.testing.assert_allclose(
+        np.delete(m2, 1), ((want - want_mean[:, None]) ** 2).sum(axis=(0, 2)), rtol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("inner", [7, 8, 15, 16, 17, 49, 196, numba_kernels.RUN])
 def test_short_rows_normalized_across_channels(monkeypatch, dtype, inner):
