@@ -694,8 +694,97 @@ def _flat_jit(a):
     return lambda a: a.reshape(a.size)
 
 
+@njit(inline="always", **_JIT)
+def _masked(dyf, of, i, masked):
+    """dy, or 0 where the forward output is not positive when `masked`, as float32."""
+    return np.float32(dyf[i]) if not masked or of[i] > 0 else np.float32(0.0)
+
+
+@njit(inline="always", **_JIT)
+def _grad_column8(dyf, xf, of, i, stride, mc, masked):
+    """The eight-row float32 trees of _grad_tree8 at index i (`masked` a constant)."""
+    g0 = _masked(dyf, of, i, masked)
+    g1 = _masked(dyf, of, i + stride, masked)
+    g2 = _masked(dyf, of, i + np.uint64(2) * stride, masked)
+    g3 = _masked(dyf, of, i + np.uint64(3) * stride, masked)
+    g4 = _masked(dyf, of, i + np.uint64(4) * stride, masked)
+    g5 = _masked(dyf, of, i + np.uint64(5) * stride, masked)
+    g6 = _masked(dyf, of, i + np.uint64(6) * stride, masked)
+    g7 = _masked(dyf, of, i + np.uint64(7) * stride, masked)
+    s = ((g0 + g1) + (g2 + g3)) + ((g4 + g5) + (g6 + g7))
+    q = (((g0 * np.float32(xf[i] - mc) + g1 * np.float32(xf[i + stride] - mc))
+          + (g2 * np.float32(xf[i + np.uint64(2) * stride] - mc)
+             + g3 * np.float32(xf[i + np.uint64(3) * stride] - mc)))
+         + ((g4 * np.float32(xf[i + np.uint64(4) * stride] - mc)
+             + g5 * np.float32(xf[i + np.uint64(5) * stride] - mc))
+            + (g6 * np.float32(xf[i + np.uint64(6) * stride] - mc)
+               + g7 * np.float32(xf[i + np.uint64(7) * stride] - mc))))
+    return s, q
+
+
+@njit(inline="always", **_JIT)
+def _grad_row_set(dyf, xf, of, o, n, m, a, aq, masked):
+    """a[c] = g, aq[c] = g * (x - m[c]) of the row from o (one row of _grad_tree8_by_rows)."""
+    for c in range(n):
+        i = o + np.uint64(c)
+        g = _masked(dyf, of, i, masked)
+        a[c] = g
+        aq[c] = g * np.float32(xf[i] - m[c])
+
+
+@njit(inline="always", **_JIT)
+def _grad_row_add(dyf, xf, of, o, n, m, a, aq, masked):
+    """a[c] += g, aq[c] += g * (x - m[c])."""
+    for c in range(n):
+        i = o + np.uint64(c)
+        g = _masked(dyf, of, i, masked)
+        a[c] += g
+        aq[c] += g * np.float32(xf[i] - m[c])
+
+
+@njit(inline="always", **_JIT)
+def _grad_rows8(dyf, xf, of, b, stride, n, m, u0, u1, v0, v1, w0, w1, masked):
+    _grad_row_set(dyf, xf, of, b, n, m, u0, u1, masked)
+    _grad_row_add(dyf, xf, of, b + stride, n, m, u0, u1, masked)
+    _grad_row_set(dyf, xf, of, b + np.uint64(2) * stride, n, m, v0, v1, masked)
+    _grad_row_add(dyf, xf, of, b + np.uint64(3) * stride, n, m, v0, v1, masked)
+    _fold(u0, u1, v0, v1, n)
+    _grad_row_set(dyf, xf, of, b + np.uint64(4) * stride, n, m, v0, v1, masked)
+    _grad_row_add(dyf, xf, of, b + np.uint64(5) * stride, n, m, v0, v1, masked)
+    _grad_row_set(dyf, xf, of, b + np.uint64(6) * stride, n, m, w0, w1, masked)
+    _grad_row_add(dyf, xf, of, b + np.uint64(7) * stride, n, m, w0, w1, masked)
+    _fold(v0, v1, w0, w1, n)
+    _fold(u0, u1, v0, v1, n)
+
+
 @njit(**_JIT)
-def _rows_grad32(dyf, xf, of, has_out, start, rows, width, mean, s, q):
+def _grad_tree8_by_rows(dyf, xf, of, has_out, b, stride, n, m, u0, u1, v0, v1, w0, w1):
+    """u0, u1 = the eight-row float32 trees of _grad_tree8, built in L1 one whole row after
+    another: the same operations, so the same bits, for data from memory (see
+    _tree8_by_rows)."""
+    if has_out:
+        _grad_rows8(dyf, xf, of, b, stride, n, m, u0, u1, v0, v1, w0, w1, True)
+    else:
+        _grad_rows8(dyf, xf, of, b, stride, n, m, u0, u1, v0, v1, w0, w1, False)
+
+
+@njit(**_JIT)
+def _grad_tree8(dyf, xf, of, has_out, b, stride, n, m, s32, q32):
+    """s32[c] = sum(g), q32[c] = sum(g * (x - m[c])) over the eight rows from b (`stride`
+    values apart) of channels c < n, each a float32 tree ((r0 + r1) + (r2 + r3)) + ((r4 + r5)
+    + (r6 + r7)): one pass over the channels per eight rows, where row by row each row paid
+    the loop's set-up and the lanes' loads and stores. Masked (has_out) and plain: loops of
+    their own, so that both vectorize."""
+    if has_out:
+        for c in range(n):
+            s32[c], q32[c] = _grad_column8(dyf, xf, of, b + np.uint64(c), stride, m[c], True)
+    else:
+        for c in range(n):
+            s32[c], q32[c] = _grad_column8(dyf, xf, of, b + np.uint64(c), stride, m[c], False)
+
+
+@njit(**_JIT)
+def _rows_grad32(dyf, xf, of, has_out, start, rows, width, mean, s, q, by_rows):
     """Channels-last float32 gradient sums of `rows` contiguous rows of `width` channels from
     `start`, added to the float64 s[c] = sum(g), q[c] = sum(g * (x - mean[c])), g = dy, or dy
     where the forward output `of` > 0 when `has_out` (in the loop: 32x56x56x256 masked backward
@@ -709,10 +798,19 @@ def _rows_grad32(dyf, xf, of, has_out, start, rows, width, mean, s, q):
     whose sums are not finite or tiny (overflow, possible underflow) is summed again in float64.
     Channels-last backward on the Zen 3 (float64 lanes of _lanes_grad -> these; Cython in the
     same run): 32x56x56x256 17.2 -> 12.9 ms (12.1), 32x112x112x64 13.4 -> 12.7 ms (12.4),
-    8x56x56x64 0.57 -> 0.53 ms (0.35)."""
+    8x56x56x64 0.57 -> 0.53 ms (0.35). Every FLUSH (8) rows are added as a float32 tree: from
+    the cache in one pass over the channels (_grad_tree8), where row by row each row paid the
+    loop's set-up (8x56x56x64 backward Numba/Cython 1.34-1.38 -> 1.25-1.32, Zen 4, 2 threads,
+    interleaved); from memory (`by_rows`) built one whole row after another, the same bits
+    (eight rows side by side: 32x56x56x256 backward 1.03 -> 1.32, as for the moments, see
+    _tree8_by_rows)."""
     m = np.empty(width, np.float32)
     s32 = np.empty(width, np.float32)
     q32 = np.empty(width, np.float32)
+    v0 = np.empty(width, np.float32)
+    v1 = np.empty(width, np.float32)
+    w0 = np.empty(width, np.float32)
+    w1 = np.empty(width, np.float32)
     t1 = np.zeros(width)
     t2 = np.zeros(width)
     for c in range(width):
@@ -720,24 +818,31 @@ def _rows_grad32(dyf, xf, of, has_out, start, rows, width, mean, s, q):
     r = 0
     while r < rows:
         r1 = min(rows, r + FLUSH)
-        s32[:] = 0.0
-        q32[:] = 0.0
-        if has_out:  # masked: loops of its own, so that both vectorize
-            for j in range(r, r1):
-                b = np.uint64(start + j * width)
-                for c in range(width):
-                    i = b + np.uint64(c)
-                    g = np.float32(dyf[i]) if of[i] > 0 else np.float32(0.0)
-                    s32[c] += g
-                    q32[c] += g * np.float32(xf[i] - m[c])
+        if r1 - r == 8 and by_rows:
+            _grad_tree8_by_rows(dyf, xf, of, has_out, np.uint64(start + r * width),
+                                np.uint64(width), width, m, s32, q32, v0, v1, w0, w1)
+        elif r1 - r == 8:
+            _grad_tree8(dyf, xf, of, has_out, np.uint64(start + r * width), np.uint64(width),
+                        width, m, s32, q32)
         else:
-            for j in range(r, r1):
-                b = np.uint64(start + j * width)
-                for c in range(width):  # float32 casts: no-ops (typed, not run, for float64)
-                    i = b + np.uint64(c)
-                    g = np.float32(dyf[i])
-                    s32[c] += g
-                    q32[c] += g * np.float32(xf[i] - m[c])
+            s32[:] = 0.0
+            q32[:] = 0.0
+            if has_out:  # masked: loops of its own, so that both vectorize
+                for j in range(r, r1):
+                    b = np.uint64(start + j * width)
+                    for c in range(width):
+                        i = b + np.uint64(c)
+                        g = np.float32(dyf[i]) if of[i] > 0 else np.float32(0.0)
+                        s32[c] += g
+                        q32[c] += g * np.float32(xf[i] - m[c])
+            else:
+                for j in range(r, r1):
+                    b = np.uint64(start + j * width)
+                    for c in range(width):  # float32 casts: no-ops (typed, not run, for float64)
+                        i = b + np.uint64(c)
+                        g = np.float32(dyf[i])
+                        s32[c] += g
+                        q32[c] += g * np.float32(xf[i] - m[c])
         for c in range(width):
             t1[c] += np.float64(s32[c])
             t2[c] += np.float64(q32[c])
@@ -1032,6 +1137,14 @@ def _dx_rows(dyf, xf, of, dxf, start, rows, stride, width, has_out, training, co
 
 STREAM_ABOVE = stream_above_bytes()
 VECTOR_BYTES = 64  # one cache line per streamed store
+# Channels-last outputs that are not streamed are written as one run per block with periodic
+# constants, as the streamed ones, when rows have fewer than RUN_BELOW channels: row by row
+# (_norm_rows, _dx_rows), each row paid the loop's set-up (LLVM's alias checks), about 10
+# cycles. Zen 4, float32, 2 threads, in the cache, Numba/Cython interleaved, rows -> run:
+# inference 50000x32 1.60 -> 1.20-1.26, 25000x64 1.32 -> 1.15-1.17, 12500x128 1.29 ->
+# 1.12-1.20; wider rows were slower as a run (6250x256 1.15 -> 1.22-1.30, 6272x576 1.00-1.18
+# -> 1.18-1.27).
+RUN_BELOW = 256
 _X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
 
 
@@ -1181,6 +1294,10 @@ _stream_norm = _stream_norm_intrinsic(False, False)
 _stream_norm_relu = _stream_norm_intrinsic(False, True)
 _stream_norm_res = _stream_norm_intrinsic(True, False)
 _stream_norm_res_relu = _stream_norm_intrinsic(True, True)
+_plain_norm = _stream_norm_intrinsic(False, False, False)
+_plain_norm_relu = _stream_norm_intrinsic(False, True, False)
+_plain_norm_res = _stream_norm_intrinsic(True, False, False)
+_plain_norm_res_relu = _stream_norm_intrinsic(True, True, False)
 
 
 def _stream_dx_intrinsic(training: bool, masked: bool, streamed: bool = True):
@@ -1225,6 +1342,10 @@ _stream_dx = _stream_dx_intrinsic(True, False)
 _stream_dx_masked = _stream_dx_intrinsic(True, True)
 _stream_dx_frozen = _stream_dx_intrinsic(False, False)
 _stream_dx_frozen_masked = _stream_dx_intrinsic(False, True)
+_plain_dx = _stream_dx_intrinsic(True, False, False)
+_plain_dx_masked = _stream_dx_intrinsic(True, True, False)
+_plain_dx_frozen = _stream_dx_intrinsic(False, False, False)
+_plain_dx_frozen_masked = _stream_dx_intrinsic(False, True, False)
 
 
 # The intrinsics (inside a channel, across two) of _seg_vectors, by (dx, flag, flag, streamed).
@@ -1269,17 +1390,18 @@ def _wrap(column, period):
 
 
 @njit(**_JIT)
-def _norm_run(xf, of, rf, start, n, has_res, relu, consts, column, period, zero):
-    """Streamed normalization of the run [start, start + n): element start + t takes the
-    constants of column column + t of a 2-D consts (wrapping at `period` when period > 0,
-    consts then holding period + V columns), or the tuple consts. Head and tail (before the
-    output is aligned, after the last full vector) are stored by _norm_rows."""
+def _norm_run(xf, of, rf, start, n, has_res, relu, consts, column, period, zero, stream=True):
+    """Normalization of the run [start, start + n), streamed when `stream`: element start + t
+    takes the constants of column column + t of a 2-D consts (wrapping at `period` when
+    period > 0, consts then holding period + V columns), or the tuple consts. Head and tail
+    (before the output is aligned when streamed, after the last full vector) are stored by
+    _norm_elems."""
     width = VECTOR_BYTES // xf.itemsize
-    head = _stream_head(of, start, n)
+    head = _stream_head(of, start, n) if stream else 0
     body = head + (n - head) // width * width
     _norm_elems(xf, of, rf, start, head, has_res, relu, consts, column, zero)
     col = _norm_vectors(xf, of, rf, start + head, (body - head) // width, has_res, relu, consts,
-                        _wrap(column + head, period), period)
+                        _wrap(column + head, period), period, stream)
     _norm_elems(xf, of, rf, start + body, n - body, has_res, relu, consts, col, zero)
 
 
@@ -1391,15 +1513,16 @@ def _norm_block(xf, of, rf, start, rows, stride, width, has_res, relu, consts, z
 
 
 @njit(**_JIT)
-def _dx_run(dyf, xf, of, dxf, start, n, has_out, training, consts, column, period, zero):
-    """Streamed dx of the run [start, start + n), the constants as in _norm_run; head and tail
-    by _dx_rows."""
+def _dx_run(dyf, xf, of, dxf, start, n, has_out, training, consts, column, period, zero,
+            stream=True):
+    """dx of the run [start, start + n), streamed when `stream`, the constants as in
+    _norm_run; head and tail by _dx_elems."""
     width = VECTOR_BYTES // xf.itemsize
-    head = _stream_head(dxf, start, n)
+    head = _stream_head(dxf, start, n) if stream else 0
     body = head + (n - head) // width * width
     _dx_elems(dyf, xf, of, dxf, start, head, has_out, training, consts, column, zero)
     col = _dx_vectors(dyf, xf, of, dxf, start + head, (body - head) // width, has_out, training,
-                      consts, _wrap(column + head, period), period)
+                      consts, _wrap(column + head, period), period, stream)
     _dx_elems(dyf, xf, of, dxf, start + body, n - body, has_out, training, consts, col, zero)
 
 
@@ -1419,20 +1542,30 @@ def _dx_elems(dyf, xf, of, dxf, start, n, has_out, training, consts, column, zer
 
 
 @njit(inline="always", **_JIT)
-def _norm_vectors(xf, of, rf, start, count, has_res, relu, consts, column, period):
-    """`count` streamed vectors of the normalization from start (of + start aligned), the
-    constants as in _norm_run; returns the column after them."""
+def _norm_vectors(xf, of, rf, start, count, has_res, relu, consts, column, period,
+                  stream=True):
+    """`count` vectors of the normalization from start, streamed (of + start aligned) when
+    `stream`, the constants as in _norm_run; returns the column after them."""
     width = VECTOR_BYTES // xf.itemsize
     col = column
     for t in range(0, count * width, width):
-        if has_res and relu:
-            _stream_norm_res_relu(xf, of, rf, start + t, consts, col)
+        if stream:
+            if has_res and relu:
+                _stream_norm_res_relu(xf, of, rf, start + t, consts, col)
+            elif has_res:
+                _stream_norm_res(xf, of, rf, start + t, consts, col)
+            elif relu:
+                _stream_norm_relu(xf, of, rf, start + t, consts, col)
+            else:
+                _stream_norm(xf, of, rf, start + t, consts, col)
+        elif has_res and relu:
+            _plain_norm_res_relu(xf, of, rf, start + t, consts, col)
         elif has_res:
-            _stream_norm_res(xf, of, rf, start + t, consts, col)
+            _plain_norm_res(xf, of, rf, start + t, consts, col)
         elif relu:
-            _stream_norm_relu(xf, of, rf, start + t, consts, col)
+            _plain_norm_relu(xf, of, rf, start + t, consts, col)
         else:
-            _stream_norm(xf, of, rf, start + t, consts, col)
+            _plain_norm(xf, of, rf, start + t, consts, col)
         col = _wrap(col + width, period)
     return col
 
@@ -1448,20 +1581,30 @@ def _side_norm(side, pos, n, xf, of, rf):
 
 
 @njit(inline="always", **_JIT)
-def _dx_vectors(dyf, xf, of, dxf, start, count, has_out, training, consts, column, period):
-    """`count` streamed vectors of dx from start (dxf + start aligned), the constants as in
-    _dx_run; returns the column after them."""
+def _dx_vectors(dyf, xf, of, dxf, start, count, has_out, training, consts, column, period,
+                stream=True):
+    """`count` vectors of dx from start, streamed (dxf + start aligned) when `stream`, the
+    constants as in _dx_run; returns the column after them."""
     width = VECTOR_BYTES // xf.itemsize
     col = column
     for t in range(0, count * width, width):
-        if training and has_out:
-            _stream_dx_masked(dyf, xf, of, dxf, start + t, consts, col)
+        if stream:
+            if training and has_out:
+                _stream_dx_masked(dyf, xf, of, dxf, start + t, consts, col)
+            elif training:
+                _stream_dx(dyf, xf, of, dxf, start + t, consts, col)
+            elif has_out:
+                _stream_dx_frozen_masked(dyf, xf, of, dxf, start + t, consts, col)
+            else:
+                _stream_dx_frozen(dyf, xf, of, dxf, start + t, consts, col)
+        elif training and has_out:
+            _plain_dx_masked(dyf, xf, of, dxf, start + t, consts, col)
         elif training:
-            _stream_dx(dyf, xf, of, dxf, start + t, consts, col)
+            _plain_dx(dyf, xf, of, dxf, start + t, consts, col)
         elif has_out:
-            _stream_dx_frozen_masked(dyf, xf, of, dxf, start + t, consts, col)
+            _plain_dx_frozen_masked(dyf, xf, of, dxf, start + t, consts, col)
         else:
-            _stream_dx_frozen(dyf, xf, of, dxf, start + t, consts, col)
+            _plain_dx_frozen(dyf, xf, of, dxf, start + t, consts, col)
         col = _wrap(col + width, period)
     return col
 
@@ -2120,15 +2263,17 @@ def _hwc_normalize(x, consts, residual, has_res, relu, out, stream):
     of = out.reshape(out.size)
     rf = residual.reshape(residual.size)
     zero = _zero_of(x)
-    padded = _periodic(consts, channels) if stream else consts
+    as_run = stream or channels < RUN_BELOW
+    padded = _periodic(consts, channels) if as_run else consts
     rb = _row_block(outer, channels)
     for b in prange((outer + rb - 1) // rb):
         r0 = b * rb
         rows = min(outer, r0 + rb) - r0
-        if stream:  # the block's rows as one run, the constants periodic
+        if as_run:  # the block's rows as one run, the constants periodic
             _norm_run(xf, of, rf, r0 * channels, rows * channels, has_res, relu, padded,
-                      np.int64(0), channels, zero)
-            _store_fence()
+                      np.int64(0), channels, zero, stream)
+            if stream:
+                _store_fence()
         else:
             _norm_rows(xf, of, rf, r0 * channels, rows, channels, channels, has_res, relu,
                        consts, zero)
@@ -2153,7 +2298,7 @@ def _hwc_backward(dy, x, mean, invstd, weight, output, has_out, training, out, s
         r0 = blk * rb
         if _is_float32(x) and channels < GRAD32_BELOW:
             _rows_grad32(dyf, xf, of, has_out, r0 * channels, min(outer, r0 + rb) - r0,
-                         channels, mean, part_s[blk], part_q[blk])
+                         channels, mean, part_s[blk], part_q[blk], stream)
         else:
             _grad_sums(dyf, xf, of, has_out, r0 * channels, min(outer, r0 + rb) - r0, channels,
                        channels, mean, part_s[blk], part_q[blk])
@@ -2172,15 +2317,17 @@ def _hwc_backward(dy, x, mean, invstd, weight, output, has_out, training, out, s
     zero = _zero_of(x)
     _grad_constants(0, channels, np.float64(outer), mean, invstd, weight, sum_dy, sum_dy_xmu,
                     consts)
-    padded = _periodic(consts, channels) if stream else consts
+    as_run = stream or channels < RUN_BELOW
+    padded = _periodic(consts, channels) if as_run else consts
     rbn = _row_block(outer, channels)
     for blk in prange((outer + rbn - 1) // rbn):
         r0 = blk * rbn
         rows = min(outer, r0 + rbn) - r0
-        if stream:  # the block's rows as one run, the constants periodic
-            _dx_run(dyf, xf, of, dxf, r0 * channels, rows * channels, has_out, training, padded,
-                    np.int64(0), channels, zero)
-            _store_fence()
+        if as_run:  # the block's rows as one run, the constants periodic
+            _dx_run(dyf, xf, of, dxf, r0 * channels, rows * channels, has_out, training,
+                    padded, np.int64(0), channels, zero, stream)
+            if stream:
+                _store_fence()
         else:
             _dx_rows(dyf, xf, of, dxf, r0 * channels, rows, channels, channels, has_out,
                      training, consts, zero)

@@ -312,12 +312,15 @@ def _offset_empty(shape, dtype, offset):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape", [(3, 2, numba_kernels.RUN + 37), (2, 3, 20000), (40, 1, 1),
                                    (31, 3, 1), (17, 15, 1), (13, 16, 1), (11, 17, 1),
-                                   (7, 100, 1), (3, 4, 49)])
+                                   (7, 100, 1), (5, 300, 1), (3, 4, 49)])
 def test_streamed_outputs_equal_cached_stores(monkeypatch, dtype, shape):
     """Outputs above STREAM_ABOVE go out with non-temporal vector stores (aligned body, scalar
     head and tail, channels-last constants read across the end of a row): bit for bit the
     values of the plain stores, at every alignment of the output, NaN passed by the ReLU; the
-    same for dx (training and frozen, masked by a forward output or not)."""
+    same for dx (training and frozen, masked by a forward output or not). Channels-last rows
+    of fewer than RUN_BELOW channels are stored as runs either way, wider ones row by row when
+    not streamed (5x300); the channels-last gradient sums take the same float32 trees from
+    memory (streamed) as from the cache."""
     rng = np.random.default_rng(8)
     x = (rng.standard_normal(shape) * 2 + 3).astype(dtype)
     x.flat[::97] = np.nan
