@@ -694,97 +694,8 @@ def _flat_jit(a):
     return lambda a: a.reshape(a.size)
 
 
-@njit(inline="always", **_JIT)
-def _masked(dyf, of, i, masked):
-    """dy, or 0 where the forward output is not positive when `masked`, as float32."""
-    return np.float32(dyf[i]) if not masked or of[i] > 0 else np.float32(0.0)
-
-
-@njit(inline="always", **_JIT)
-def _grad_column8(dyf, xf, of, i, stride, mc, masked):
-    """The eight-row float32 trees of _grad_tree8 at index i (`masked` a constant)."""
-    g0 = _masked(dyf, of, i, masked)
-    g1 = _masked(dyf, of, i + stride, masked)
-    g2 = _masked(dyf, of, i + np.uint64(2) * stride, masked)
-    g3 = _masked(dyf, of, i + np.uint64(3) * stride, masked)
-    g4 = _masked(dyf, of, i + np.uint64(4) * stride, masked)
-    g5 = _masked(dyf, of, i + np.uint64(5) * stride, masked)
-    g6 = _masked(dyf, of, i + np.uint64(6) * stride, masked)
-    g7 = _masked(dyf, of, i + np.uint64(7) * stride, masked)
-    s = ((g0 + g1) + (g2 + g3)) + ((g4 + g5) + (g6 + g7))
-    q = (((g0 * np.float32(xf[i] - mc) + g1 * np.float32(xf[i + stride] - mc))
-          + (g2 * np.float32(xf[i + np.uint64(2) * stride] - mc)
-             + g3 * np.float32(xf[i + np.uint64(3) * stride] - mc)))
-         + ((g4 * np.float32(xf[i + np.uint64(4) * stride] - mc)
-             + g5 * np.float32(xf[i + np.uint64(5) * stride] - mc))
-            + (g6 * np.float32(xf[i + np.uint64(6) * stride] - mc)
-               + g7 * np.float32(xf[i + np.uint64(7) * stride] - mc))))
-    return s, q
-
-
-@njit(inline="always", **_JIT)
-def _grad_row_set(dyf, xf, of, o, n, m, a, aq, masked):
-    """a[c] = g, aq[c] = g * (x - m[c]) of the row from o (one row of _grad_tree8_by_rows)."""
-    for c in range(n):
-        i = o + np.uint64(c)
-        g = _masked(dyf, of, i, masked)
-        a[c] = g
-        aq[c] = g * np.float32(xf[i] - m[c])
-
-
-@njit(inline="always", **_JIT)
-def _grad_row_add(dyf, xf, of, o, n, m, a, aq, masked):
-    """a[c] += g, aq[c] += g * (x - m[c])."""
-    for c in range(n):
-        i = o + np.uint64(c)
-        g = _masked(dyf, of, i, masked)
-        a[c] += g
-        aq[c] += g * np.float32(xf[i] - m[c])
-
-
-@njit(inline="always", **_JIT)
-def _grad_rows8(dyf, xf, of, b, stride, n, m, u0, u1, v0, v1, w0, w1, masked):
-    _grad_row_set(dyf, xf, of, b, n, m, u0, u1, masked)
-    _grad_row_add(dyf, xf, of, b + stride, n, m, u0, u1, masked)
-    _grad_row_set(dyf, xf, of, b + np.uint64(2) * stride, n, m, v0, v1, masked)
-    _grad_row_add(dyf, xf, of, b + np.uint64(3) * stride, n, m, v0, v1, masked)
-    _fold(u0, u1, v0, v1, n)
-    _grad_row_set(dyf, xf, of, b + np.uint64(4) * stride, n, m, v0, v1, masked)
-    _grad_row_add(dyf, xf, of, b + np.uint64(5) * stride, n, m, v0, v1, masked)
-    _grad_row_set(dyf, xf, of, b + np.uint64(6) * stride, n, m, w0, w1, masked)
-    _grad_row_add(dyf, xf, of, b + np.uint64(7) * stride, n, m, w0, w1, masked)
-    _fold(v0, v1, w0, w1, n)
-    _fold(u0, u1, v0, v1, n)
-
-
 @njit(**_JIT)
-def _grad_tree8_by_rows(dyf, xf, of, has_out, b, stride, n, m, u0, u1, v0, v1, w0, w1):
-    """u0, u1 = the eight-row float32 trees of _grad_tree8, built in L1 one whole row after
-    another: the same operations, so the same bits, for data from memory (see
-    _tree8_by_rows)."""
-    if has_out:
-        _grad_rows8(dyf, xf, of, b, stride, n, m, u0, u1, v0, v1, w0, w1, True)
-    else:
-        _grad_rows8(dyf, xf, of, b, stride, n, m, u0, u1, v0, v1, w0, w1, False)
-
-
-@njit(**_JIT)
-def _grad_tree8(dyf, xf, of, has_out, b, stride, n, m, s32, q32):
-    """s32[c] = sum(g), q32[c] = sum(g * (x - m[c])) over the eight rows from b (`stride`
-    values apart) of channels c < n, each a float32 tree ((r0 + r1) + (r2 + r3)) + ((r4 + r5)
-    + (r6 + r7)): one pass over the channels per eight rows, where row by row each row paid
-    the loop's set-up and the lanes' loads and stores. Masked (has_out) and plain: loops of
-    their own, so that both vectorize."""
-    if has_out:
-        for c in range(n):
-            s32[c], q32[c] = _grad_column8(dyf, xf, of, b + np.uint64(c), stride, m[c], True)
-    else:
-        for c in range(n):
-            s32[c], q32[c] = _grad_column8(dyf, xf, of, b + np.uint64(c), stride, m[c], False)
-
-
-@njit(**_JIT)
-def _rows_grad32(dyf, xf, of, has_out, start, rows, width, mean, s, q, by_rows):
+def _rows_grad32(dyf, xf, of, has_out, start, rows, width, mean, s, q):
     """Channels-last float32 gradient sums of `rows` contiguous rows of `width` channels from
     `start`, added to the float64 s[c] = sum(g), q[c] = sum(g * (x - mean[c])), g = dy, or dy
     where the forward output `of` > 0 when `has_out` (in the loop: 32x56x56x256 masked backward
@@ -798,19 +709,10 @@ def _rows_grad32(dyf, xf, of, has_out, start, rows, width, mean, s, q, by_rows):
     whose sums are not finite or tiny (overflow, possible underflow) is summed again in float64.
     Channels-last backward on the Zen 3 (float64 lanes of _lanes_grad -> these; Cython in the
     same run): 32x56x56x256 17.2 -> 12.9 ms (12.1), 32x112x112x64 13.4 -> 12.7 ms (12.4),
-    8x56x56x64 0.57 -> 0.53 ms (0.35). Every FLUSH (8) rows are added as a float32 tree: from
-    the cache in one pass over the channels (_grad_tree8), where row by row each row paid the
-    loop's set-up (8x56x56x64 backward Numba/Cython 1.34-1.38 -> 1.25-1.32, Zen 4, 2 threads,
-    interleaved); from memory (`by_rows`) built one whole row after another, the same bits
-    (eight rows side by side: 32x56x56x256 backward 1.03 -> 1.32, as for the moments, see
-    _tree8_by_rows)."""
+    8x56x56x64 0.57 -> 0.53 ms (0.35)."""
     m = np.empty(width, np.float32)
     s32 = np.empty(width, np.float32)
     q32 = np.empty(width, np.float32)
-    v0 = np.empty(width, np.float32)
-    v1 = np.empty(width, np.float32)
-    w0 = np.empty(width, np.float32)
-    w1 = np.empty(width, np.float32)
     t1 = np.zeros(width)
     t2 = np.zeros(width)
     for c in range(width):
@@ -818,31 +720,24 @@ def _rows_grad32(dyf, xf, of, has_out, start, rows, width, mean, s, q, by_rows):
     r = 0
     while r < rows:
         r1 = min(rows, r + FLUSH)
-        if r1 - r == 8 and by_rows:
-            _grad_tree8_by_rows(dyf, xf, of, has_out, np.uint64(start + r * width),
-                                np.uint64(width), width, m, s32, q32, v0, v1, w0, w1)
-        elif r1 - r == 8:
-            _grad_tree8(dyf, xf, of, has_out, np.uint64(start + r * width), np.uint64(width),
-                        width, m, s32, q32)
+        s32[:] = 0.0
+        q32[:] = 0.0
+        if has_out:  # masked: loops of its own, so that both vectorize
+            for j in range(r, r1):
+                b = np.uint64(start + j * width)
+                for c in range(width):
+                    i = b + np.uint64(c)
+                    g = np.float32(dyf[i]) if of[i] > 0 else np.float32(0.0)
+                    s32[c] += g
+                    q32[c] += g * np.float32(xf[i] - m[c])
         else:
-            s32[:] = 0.0
-            q32[:] = 0.0
-            if has_out:  # masked: loops of its own, so that both vectorize
-                for j in range(r, r1):
-                    b = np.uint64(start + j * width)
-                    for c in range(width):
-                        i = b + np.uint64(c)
-                        g = np.float32(dyf[i]) if of[i] > 0 else np.float32(0.0)
-                        s32[c] += g
-                        q32[c] += g * np.float32(xf[i] - m[c])
-            else:
-                for j in range(r, r1):
-                    b = np.uint64(start + j * width)
-                    for c in range(width):  # float32 casts: no-ops (typed, not run, for float64)
-                        i = b + np.uint64(c)
-                        g = np.float32(dyf[i])
-                        s32[c] += g
-                        q32[c] += g * np.float32(xf[i] - m[c])
+            for j in range(r, r1):
+                b = np.uint64(start + j * width)
+                for c in range(width):  # float32 casts: no-ops (typed, not run, for float64)
+                    i = b + np.uint64(c)
+                    g = np.float32(dyf[i])
+                    s32[c] += g
+                    q32[c] += g * np.float32(xf[i] - m[c])
         for c in range(width):
             t1[c] += np.float64(s32[c])
             t2[c] += np.float64(q32[c])
@@ -2298,7 +2193,7 @@ def _hwc_backward(dy, x, mean, invstd, weight, output, has_out, training, out, s
         r0 = blk * rb
         if _is_float32(x) and channels < GRAD32_BELOW:
             _rows_grad32(dyf, xf, of, has_out, r0 * channels, min(outer, r0 + rb) - r0,
-                         channels, mean, part_s[blk], part_q[blk], stream)
+                         channels, mean, part_s[blk], part_q[blk])
         else:
             _grad_sums(dyf, xf, of, has_out, r0 * channels, min(outer, r0 + rb) - r0, channels,
                        channels, mean, part_s[blk], part_q[blk])

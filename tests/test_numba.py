@@ -319,8 +319,7 @@ def test_streamed_outputs_equal_cached_stores(monkeypatch, dtype, shape):
     values of the plain stores, at every alignment of the output, NaN passed by the ReLU; the
     same for dx (training and frozen, masked by a forward output or not). Channels-last rows
     of fewer than RUN_BELOW channels are stored as runs either way, wider ones row by row when
-    not streamed (5x300); the channels-last gradient sums take the same float32 trees from
-    memory (streamed) as from the cache."""
+    not streamed (5x300)."""
     rng = np.random.default_rng(8)
     x = (rng.standard_normal(shape) * 2 + 3).astype(dtype)
     x.flat[::97] = np.nan
