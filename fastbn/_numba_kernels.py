@@ -1024,7 +1024,7 @@ def _dx_rows(dyf, xf, of, dxf, start, rows, stride, width, has_out, training, co
 # (1.02 -> 1.57 ms); they are normalized in runs across channels, each vector blending the
 # constants of the channels it covers (_norm_seg_run). Computing into an L1 tile and streaming the
 # tile was slower than plain stores (5.1 against 4.5 ms). dx is streamed too (long
-# channels-first rows and channels-last; the same scheme, _stream_dx_intrinsic): on the Zen 3
+# channels-first rows and channels-last; the same scheme, _dx_step): on the Zen 3
 # (reads are the scarce resource there, a streamed store needs no read of the destination),
 # backward 32x256x56x56 16.4 -> 15.6 ms, channels-last 32x112x112x64 17.5 -> 16.1 ms,
 # 64x7x7x2048 3.57 -> 3.31 ms, ReLU-masked 27.2 -> 24.7 and 5.58 -> 4.84 ms. (On the Zen 5
@@ -1110,48 +1110,81 @@ def _norm_vector(context, builder, xt, rt, args, p, vt, with_residual, with_relu
     return y
 
 
-def _stream_norm_intrinsic(with_residual: bool, with_relu: bool, streamed: bool = True):
-    """An intrinsic: of[i:i+V] = act(((x - hi) - lo) * scale + shift [+ r]), streamed (of + i
-    aligned) or stored plainly. The residual and the ReLU are compiled in or out (as runtime
-    flags, a select on the loaded residual made LLVM load it with a mask: residual + ReLU 1.4x
-    slower)."""
-    @intrinsic
-    def stream_norm(typingctx, xf, of, rf, i, consts, column):
-        sig = types.void(xf, of, rf, i, consts, column)
+def _by_flags(builder, flag_types, flag_values, emit, chosen=()):
+    """emit(*flags) for boolean flags: one typed as a literal (or omitted, its default) is
+    compiled in, any other is tested by a branch around a variant for each of its values."""
+    if len(chosen) == len(flag_types):
+        emit(*chosen)
+        return
+    ty, value = flag_types[len(chosen)], flag_values[len(chosen)]
+    if isinstance(ty, (types.BooleanLiteral, types.Omitted)):
+        known = ty.literal_value if isinstance(ty, types.BooleanLiteral) else ty.value
+        _by_flags(builder, flag_types, flag_values, emit, chosen + (bool(known),))
+        return
+    with builder.if_else(value) as (then, otherwise):
+        with then:
+            _by_flags(builder, flag_types, flag_values, emit, chosen + (True,))
+        with otherwise:
+            _by_flags(builder, flag_types, flag_values, emit, chosen + (False,))
 
-        def codegen(context, builder, signature, args):
-            xt, ot, rt, _, pt, _ = signature.args
-            vt = ir.VectorType(context.get_data_type(xt.dtype), _vector_width(xt.dtype))
+
+def _are_flags(*flags):
+    return all(isinstance(f, (types.Boolean, types.Omitted)) for f in flags)
+
+
+def _vector_type(context, dtype):
+    return ir.VectorType(context.get_data_type(dtype), _vector_width(dtype))
+
+
+@intrinsic(prefer_literal=True)
+def _norm_step(typingctx, xf, of, rf, i, consts, column, has_res, relu, stream):
+    """of[i:i+V] = act(((x - hi) - lo) * scale + shift [+ r]) with the constants (hi, lo,
+    scale, shift) of consts (see _param) from `column` on, streamed (of + i aligned) or stored
+    plainly. The residual, the ReLU and the streaming are compiled in where their flags are
+    literals (as run-time tests, a select on the loaded residual made LLVM load it with a mask:
+    residual + ReLU 1.4x slower)."""
+    if not _are_flags(has_res, relu, stream):
+        return None
+    sig = types.void(xf, of, rf, i, consts, column, has_res, relu, stream)
+
+    def codegen(context, builder, signature, args):
+        xt, ot, rt, _, pt, _ = signature.args[:6]
+        vt = _vector_type(context, xt.dtype)
+
+        def emit(with_residual, with_relu, streamed):
             p = [_param(context, builder, pt, args[4], m, args[5], vt) for m in range(4)]
             y = _norm_vector(context, builder, xt, rt, args, p, vt, with_residual, with_relu)
             _store(context, builder, ot, args[1], args[3], y, streamed)
-            return context.get_dummy_value()
-        return sig, codegen
-    return stream_norm
+        _by_flags(builder, signature.args[6:], args[6:], emit)
+        return context.get_dummy_value()
+    return sig, codegen
+
+
+@intrinsic(prefer_literal=True)
+def _norm_seg_step(typingctx, xf, of, rf, i, consts, c, cn, boundary, has_res, relu, stream):
+    """of[i:i+V] normalized as by _norm_step, the lanes before `boundary` with the constants of
+    channel c (column c of consts = (hi, lo, scale, shift)), the others with those of channel
+    cn (a blend)."""
+    if not _are_flags(has_res, relu, stream):
+        return None
+    sig = types.void(xf, of, rf, i, consts, c, cn, boundary, has_res, relu, stream)
+
+    def codegen(context, builder, signature, args):
+        xt, ot, rt, _, pt = signature.args[:5]
+        vt = _vector_type(context, xt.dtype)
+
+        def emit(with_residual, with_relu, streamed):
+            p = _blend(context, builder, pt, args[4], args[5], args[6], args[7], vt, 4)
+            y = _norm_vector(context, builder, xt, rt, args, p, vt, with_residual, with_relu)
+            _store(context, builder, ot, args[1], args[3], y, streamed)
+        _by_flags(builder, signature.args[8:], args[8:], emit)
+        return context.get_dummy_value()
+    return sig, codegen
 
 
 def _entry(context, builder, pty, pval, m, column):
     """Element (m, column) of a C-contiguous 2-D array."""
     return builder.load(builder.gep(_row(context, builder, pty, pval, m), [column]))
-
-
-def _norm_seg_intrinsic(with_residual: bool, with_relu: bool, streamed: bool):
-    """An intrinsic: of[i:i+V] normalized as by _stream_norm, the lanes before `boundary` with
-    the constants of channel c (column c of consts = (hi, lo, scale, shift)), the others with
-    those of channel cn (a blend); streamed (of + i aligned) or stored plainly."""
-    @intrinsic
-    def norm_seg(typingctx, xf, of, rf, i, consts, c, cn, boundary):
-        sig = types.void(xf, of, rf, i, consts, c, cn, boundary)
-
-        def codegen(context, builder, signature, args):
-            xt, ot, rt, _, pt = signature.args[:5]
-            vt = ir.VectorType(context.get_data_type(xt.dtype), _vector_width(xt.dtype))
-            p = _blend(context, builder, pt, args[4], args[5], args[6], args[7], vt, 4)
-            y = _norm_vector(context, builder, xt, rt, args, p, vt, with_residual, with_relu)
-            _store(context, builder, ot, args[1], args[3], y, streamed)
-            return context.get_dummy_value()
-        return sig, codegen
-    return norm_seg
 
 
 def _blend(context, builder, pty, pval, c, cn, boundary, vt, count):
@@ -1165,55 +1198,51 @@ def _blend(context, builder, pty, pval, c, cn, boundary, vt, count):
             for m in range(count)]
 
 
-def _dx_seg_intrinsic(training: bool, masked: bool, streamed: bool):
-    """An intrinsic: dxf[i:i+V] as by _stream_dx, the lanes before `boundary` with the
-    constants of channel c (column c of consts = (a, b, c, hi, lo)), the others with those of
-    channel cn; streamed (dxf + i aligned) or stored plainly."""
-    @intrinsic
-    def dx_seg(typingctx, dyf, xf, of, dxf, i, consts, c, cn, boundary):
-        sig = types.void(dyf, xf, of, dxf, i, consts, c, cn, boundary)
+@intrinsic(prefer_literal=True)
+def _dx_step(typingctx, dyf, xf, of, dxf, i, consts, column, training, masked, stream):
+    """dxf[i:i+V] = g * a + ((x - hi) - lo) * b + c (training) or g * a (frozen), g = dy, or
+    dy where output > 0 and 0 elsewhere (masked), streamed (dxf + i aligned) or stored
+    plainly; the operations of _dx_rows in its order. consts = (a, b, c, hi, lo) as in _param,
+    the flags as in _norm_step."""
+    if not _are_flags(training, masked, stream):
+        return None
+    sig = types.void(dyf, xf, of, dxf, i, consts, column, training, masked, stream)
 
-        def codegen(context, builder, signature, args):
-            dxt, pt = signature.args[3], signature.args[5]
-            vt = ir.VectorType(context.get_data_type(dxt.dtype), _vector_width(dxt.dtype))
-            p = _blend(context, builder, pt, args[5], args[6], args[7], args[8], vt,
-                       5 if training else 1)
-            dx = _dx_vector(context, builder, signature.args, args, p, vt, training, masked)
-            _store(context, builder, dxt, args[3], args[4], dx, streamed)
-            return context.get_dummy_value()
-        return sig, codegen
-    return dx_seg
+    def codegen(context, builder, signature, args):
+        dxt, pt = signature.args[3], signature.args[5]
+        vt = _vector_type(context, dxt.dtype)
 
-
-_stream_norm = _stream_norm_intrinsic(False, False)
-_stream_norm_relu = _stream_norm_intrinsic(False, True)
-_stream_norm_res = _stream_norm_intrinsic(True, False)
-_stream_norm_res_relu = _stream_norm_intrinsic(True, True)
-_plain_norm = _stream_norm_intrinsic(False, False, False)
-_plain_norm_relu = _stream_norm_intrinsic(False, True, False)
-_plain_norm_res = _stream_norm_intrinsic(True, False, False)
-_plain_norm_res_relu = _stream_norm_intrinsic(True, True, False)
-
-
-def _stream_dx_intrinsic(training: bool, masked: bool, streamed: bool = True):
-    """An intrinsic: dxf[i:i+V] = g * a + ((x - hi) - lo) * b + c (training) or g * a (frozen),
-    g = dy, or dy where output > 0 and 0 elsewhere (masked), streamed (dxf + i aligned) or
-    stored plainly; the operations of _dx_rows in its order. consts = (a, b, c, hi, lo) as in
-    _param."""
-    @intrinsic
-    def stream_dx(typingctx, dyf, xf, of, dxf, i, consts, column):
-        sig = types.void(dyf, xf, of, dxf, i, consts, column)
-
-        def codegen(context, builder, signature, args):
-            dyt, xt, ot, dxt, _, pt, _ = signature.args
-            vt = ir.VectorType(context.get_data_type(xt.dtype), _vector_width(xt.dtype))
+        def emit(training, masked, streamed):
             p = [_param(context, builder, pt, args[5], m, args[6], vt)
                  for m in range(5 if training else 1)]
             dx = _dx_vector(context, builder, signature.args, args, p, vt, training, masked)
             _store(context, builder, dxt, args[3], args[4], dx, streamed)
-            return context.get_dummy_value()
-        return sig, codegen
-    return stream_dx
+        _by_flags(builder, signature.args[7:], args[7:], emit)
+        return context.get_dummy_value()
+    return sig, codegen
+
+
+@intrinsic(prefer_literal=True)
+def _dx_seg_step(typingctx, dyf, xf, of, dxf, i, consts, c, cn, boundary, training, masked,
+                 stream):
+    """dxf[i:i+V] as by _dx_step, the lanes before `boundary` with the constants of channel c
+    (column c of consts = (a, b, c, hi, lo)), the others with those of channel cn."""
+    if not _are_flags(training, masked, stream):
+        return None
+    sig = types.void(dyf, xf, of, dxf, i, consts, c, cn, boundary, training, masked, stream)
+
+    def codegen(context, builder, signature, args):
+        dxt, pt = signature.args[3], signature.args[5]
+        vt = _vector_type(context, dxt.dtype)
+
+        def emit(training, masked, streamed):
+            p = _blend(context, builder, pt, args[5], args[6], args[7], args[8], vt,
+                       5 if training else 1)
+            dx = _dx_vector(context, builder, signature.args, args, p, vt, training, masked)
+            _store(context, builder, dxt, args[3], args[4], dx, streamed)
+        _by_flags(builder, signature.args[9:], args[9:], emit)
+        return context.get_dummy_value()
+    return sig, codegen
 
 
 def _dx_vector(context, builder, argtys, args, p, vt, training, masked):
@@ -1231,27 +1260,6 @@ def _dx_vector(context, builder, argtys, args, p, vt, training, masked):
         dx = builder.fadd(builder.fadd(
             dx, builder.fmul(builder.fsub(builder.fsub(x, p[3]), p[4]), p[1])), p[2])
     return dx
-
-
-_stream_dx = _stream_dx_intrinsic(True, False)
-_stream_dx_masked = _stream_dx_intrinsic(True, True)
-_stream_dx_frozen = _stream_dx_intrinsic(False, False)
-_stream_dx_frozen_masked = _stream_dx_intrinsic(False, True)
-_plain_dx = _stream_dx_intrinsic(True, False, False)
-_plain_dx_masked = _stream_dx_intrinsic(True, True, False)
-_plain_dx_frozen = _stream_dx_intrinsic(False, False, False)
-_plain_dx_frozen_masked = _stream_dx_intrinsic(False, True, False)
-
-
-# The intrinsics (inside a channel, across two) of _seg_vectors, by (dx, flag, flag, streamed).
-_SEG_INTRINSICS = {}
-for _a in (False, True):
-    for _b in (False, True):
-        for _st in (False, True):
-            _SEG_INTRINSICS[False, _a, _b, _st] = (_stream_norm_intrinsic(_a, _b, _st),
-                                                  _norm_seg_intrinsic(_a, _b, _st))
-            _SEG_INTRINSICS[True, _a, _b, _st] = (_stream_dx_intrinsic(_a, _b, _st),
-                                                 _dx_seg_intrinsic(_a, _b, _st))
 
 
 @intrinsic
@@ -1295,8 +1303,10 @@ def _norm_run(xf, of, rf, start, n, has_res, relu, consts, column, period, zero,
     head = _stream_head(of, start, n) if stream else 0
     body = head + (n - head) // width * width
     _norm_elems(xf, of, rf, start, head, has_res, relu, consts, column, zero)
-    col = _norm_vectors(xf, of, rf, start + head, (body - head) // width, has_res, relu, consts,
-                        _wrap(column + head, period), period, stream)
+    col = _wrap(column + head, period)
+    for i in range(start + head, start + body, width):
+        _norm_step(xf, of, rf, i, consts, col, has_res, relu, stream)
+        col = _wrap(col + width, period)
     _norm_elems(xf, of, rf, start + body, n - body, has_res, relu, consts, col, zero)
 
 
@@ -1346,10 +1356,10 @@ def _seg_vectors(arrays, start, head, body, consts, c, seg, dx, a, b, stream):
 
 @overload(_seg_vectors, jit_options=_JIT, prefer_literal=True)
 def _seg_vectors_jit(arrays, start, head, body, consts, c, seg, dx, a, b, stream):
-    flags = (dx, a, b, stream)
-    if not all(isinstance(f, types.BooleanLiteral) for f in flags):
+    if not isinstance(dx, types.BooleanLiteral):
         return None
-    inside, across = _SEG_INTRINSICS[tuple(f.literal_value for f in flags)]
+    inside, across = (_dx_step, _dx_seg_step) if dx.literal_value else (_norm_step,
+                                                                         _norm_seg_step)
     width = _vector_width(arrays[0].dtype)  # a constant: no division by it below
 
     def vectors(arrays, start, head, body, consts, c, seg, dx, a, b, stream):
@@ -1363,11 +1373,12 @@ def _seg_vectors_jit(arrays, start, head, body, consts, c, seg, dx, a, b, stream
             shared = seg - p - count * width  # lanes of channel k in the vector after those
             cc = (consts[0, k], consts[1, k], consts[2, k], consts[3, k], consts[five, k])
             for i in range(start + t, start + t + count * width, width):
-                inside(*arrays, i, cc, 0)
+                inside(*arrays, i, cc, 0, a, b, stream)
             t += count * width
             p = 0
             if shared > 0 and t < body:
-                across(*arrays, start + t, consts, k, min(k + 1, last), np.int64(shared))
+                across(*arrays, start + t, consts, k, min(k + 1, last), np.int64(shared), a, b,
+                       stream)
                 t += width
                 p = width - shared
             k += 1
@@ -1416,8 +1427,10 @@ def _dx_run(dyf, xf, of, dxf, start, n, has_out, training, consts, column, perio
     head = _stream_head(dxf, start, n) if stream else 0
     body = head + (n - head) // width * width
     _dx_elems(dyf, xf, of, dxf, start, head, has_out, training, consts, column, zero)
-    col = _dx_vectors(dyf, xf, of, dxf, start + head, (body - head) // width, has_out, training,
-                      consts, _wrap(column + head, period), period, stream)
+    col = _wrap(column + head, period)
+    for i in range(start + head, start + body, width):
+        _dx_step(dyf, xf, of, dxf, i, consts, col, training, has_out, stream)
+        col = _wrap(col + width, period)
     _dx_elems(dyf, xf, of, dxf, start + body, n - body, has_out, training, consts, col, zero)
 
 
@@ -1437,71 +1450,14 @@ def _dx_elems(dyf, xf, of, dxf, start, n, has_out, training, consts, column, zer
 
 
 @njit(inline="always", **_JIT)
-def _norm_vectors(xf, of, rf, start, count, has_res, relu, consts, column, period,
-                  stream=True):
-    """`count` vectors of the normalization from start, streamed (of + start aligned) when
-    `stream`, the constants as in _norm_run; returns the column after them."""
-    width = VECTOR_BYTES // xf.itemsize
-    col = column
-    for t in range(0, count * width, width):
-        if stream:
-            if has_res and relu:
-                _stream_norm_res_relu(xf, of, rf, start + t, consts, col)
-            elif has_res:
-                _stream_norm_res(xf, of, rf, start + t, consts, col)
-            elif relu:
-                _stream_norm_relu(xf, of, rf, start + t, consts, col)
-            else:
-                _stream_norm(xf, of, rf, start + t, consts, col)
-        elif has_res and relu:
-            _plain_norm_res_relu(xf, of, rf, start + t, consts, col)
-        elif has_res:
-            _plain_norm_res(xf, of, rf, start + t, consts, col)
-        elif relu:
-            _plain_norm_relu(xf, of, rf, start + t, consts, col)
-        else:
-            _plain_norm(xf, of, rf, start + t, consts, col)
-        col = _wrap(col + width, period)
-    return col
-
-
-@njit(inline="always", **_JIT)
 def _side_norm(side, pos, n, xf, of, rf):
     """_side_dx for the normalization: side = (end, has_res, relu, constants)."""
     end, has_res, relu, cc = side
     width = VECTOR_BYTES // xf.itemsize
-    count = min(n, end - pos) // width
-    _norm_vectors(xf, of, rf, pos, count, has_res, relu, cc, np.int64(0), np.int64(0))
-    return pos + count * width
-
-
-@njit(inline="always", **_JIT)
-def _dx_vectors(dyf, xf, of, dxf, start, count, has_out, training, consts, column, period,
-                stream=True):
-    """`count` vectors of dx from start, streamed (dxf + start aligned) when `stream`, the
-    constants as in _dx_run; returns the column after them."""
-    width = VECTOR_BYTES // xf.itemsize
-    col = column
-    for t in range(0, count * width, width):
-        if stream:
-            if training and has_out:
-                _stream_dx_masked(dyf, xf, of, dxf, start + t, consts, col)
-            elif training:
-                _stream_dx(dyf, xf, of, dxf, start + t, consts, col)
-            elif has_out:
-                _stream_dx_frozen_masked(dyf, xf, of, dxf, start + t, consts, col)
-            else:
-                _stream_dx_frozen(dyf, xf, of, dxf, start + t, consts, col)
-        elif training and has_out:
-            _plain_dx_masked(dyf, xf, of, dxf, start + t, consts, col)
-        elif training:
-            _plain_dx(dyf, xf, of, dxf, start + t, consts, col)
-        elif has_out:
-            _plain_dx_frozen_masked(dyf, xf, of, dxf, start + t, consts, col)
-        else:
-            _plain_dx_frozen(dyf, xf, of, dxf, start + t, consts, col)
-        col = _wrap(col + width, period)
-    return col
+    stop = pos + min(n, end - pos) // width * width
+    for i in range(pos, stop, width):
+        _norm_step(xf, of, rf, i, cc, 0, has_res, relu, True)
+    return stop
 
 
 @njit(inline="always", **_JIT)
@@ -1512,9 +1468,10 @@ def _side_dx(side, pos, n, dyf, xf, of, dxf):
     counted per call, an atomic update of a count that both threads share.)"""
     end, has_out, training, cc = side
     width = VECTOR_BYTES // xf.itemsize
-    count = min(n, end - pos) // width
-    _dx_vectors(dyf, xf, of, dxf, pos, count, has_out, training, cc, np.int64(0), np.int64(0))
-    return pos + count * width
+    stop = pos + min(n, end - pos) // width * width
+    for i in range(pos, stop, width):
+        _dx_step(dyf, xf, of, dxf, i, cc, 0, training, has_out, True)
+    return stop
 
 
 # ----------------------------------------------------------------------------- geometry
