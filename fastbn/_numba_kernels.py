@@ -82,6 +82,7 @@ and the element-wise loop it calls (a few seconds).
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import platform
@@ -92,7 +93,7 @@ import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
 from numba.core import cgutils
-from numba.extending import intrinsic, overload
+from numba.extending import intrinsic, models, overload, register_model
 
 from ._config import channel_group_bytes, gradient_prefetch, stream_above_bytes
 
@@ -1071,7 +1072,8 @@ def _param(context, builder, pty, pval, m, column, vt):
         rowp = _row(context, builder, pty, pval, m)
         return builder.load(builder.bitcast(builder.gep(rowp, [column]), vt.as_pointer()),
                             align=1)
-    return _splat(builder, vt, builder.extract_value(pval, m))
+    value = builder.extract_value(pval, m)
+    return value if isinstance(pty[m], _VectorType) else _splat(builder, vt, value)
 
 
 def _row(context, builder, pty, pval, m):
@@ -1148,38 +1150,35 @@ def _norm_step(typingctx, xf, of, rf, i, consts, column, has_res, relu, stream):
     sig = types.void(xf, of, rf, i, consts, column, has_res, relu, stream)
 
     def codegen(context, builder, signature, args):
-        xt, ot, rt, _, pt, _ = signature.args[:6]
-        vt = _vector_type(context, xt.dtype)
-
-        def emit(with_residual, with_relu, streamed):
-            p = [_param(context, builder, pt, args[4], m, args[5], vt) for m in range(4)]
-            y = _norm_vector(context, builder, xt, rt, args, p, vt, with_residual, with_relu)
-            _store(context, builder, ot, args[1], args[3], y, streamed)
+        emit = _norm_emitter(context, builder, signature, args)
         _by_flags(builder, signature.args[6:], args[6:], emit)
         return context.get_dummy_value()
     return sig, codegen
 
 
-@intrinsic(prefer_literal=True)
-def _norm_seg_step(typingctx, xf, of, rf, i, consts, c, cn, boundary, has_res, relu, stream):
-    """of[i:i+V] normalized as by _norm_step, the lanes before `boundary` with the constants of
-    channel c (column c of consts = (hi, lo, scale, shift)), the others with those of channel
-    cn (a blend)."""
-    if not _are_flags(has_res, relu, stream):
-        return None
-    sig = types.void(xf, of, rf, i, consts, c, cn, boundary, has_res, relu, stream)
+@functools.cache
+def _norm_step_as(has_res: bool, relu: bool, stream: bool):
+    """_norm_step with the flags compiled in, for an overload's implementation (whose
+    arguments Numba types as plain booleans even where the overload saw literals)."""
+    @intrinsic
+    def norm_step(typingctx, xf, of, rf, i, consts, column):
+        def codegen(context, builder, signature, args):
+            _norm_emitter(context, builder, signature, args)(has_res, relu, stream)
+            return context.get_dummy_value()
+        return types.void(xf, of, rf, i, consts, column), codegen
+    return norm_step
 
-    def codegen(context, builder, signature, args):
-        xt, ot, rt, _, pt = signature.args[:5]
-        vt = _vector_type(context, xt.dtype)
 
-        def emit(with_residual, with_relu, streamed):
-            p = _blend(context, builder, pt, args[4], args[5], args[6], args[7], vt, 4)
-            y = _norm_vector(context, builder, xt, rt, args, p, vt, with_residual, with_relu)
-            _store(context, builder, ot, args[1], args[3], y, streamed)
-        _by_flags(builder, signature.args[8:], args[8:], emit)
-        return context.get_dummy_value()
-    return sig, codegen
+def _norm_emitter(context, builder, signature, args):
+    """emit(has_res, relu, streamed): the code of _norm_step for its first six arguments."""
+    xt, ot, rt, _, pt, _ = signature.args[:6]
+    vt = _vector_type(context, xt.dtype)
+
+    def emit(with_residual, with_relu, streamed):
+        p = [_param(context, builder, pt, args[4], m, args[5], vt) for m in range(4)]
+        y = _norm_vector(context, builder, xt, rt, args, p, vt, with_residual, with_relu)
+        _store(context, builder, ot, args[1], args[3], y, streamed)
+    return emit
 
 
 def _entry(context, builder, pty, pval, m, column):
@@ -1187,15 +1186,58 @@ def _entry(context, builder, pty, pval, m, column):
     return builder.load(builder.gep(_row(context, builder, pty, pval, m), [column]))
 
 
-def _blend(context, builder, pty, pval, c, cn, boundary, vt, count):
-    """Columns c (lanes before `boundary`) and cn (the others) of the first `count` rows of a
-    C-contiguous 2-D array, as vectors."""
-    it = boundary.type
-    lanes = ir.Constant(ir.VectorType(it, vt.count), list(range(vt.count)))
-    nxt = builder.icmp_signed(">=", lanes, _splat(builder, lanes.type, boundary))
-    return [builder.select(nxt, _splat(builder, vt, _entry(context, builder, pty, pval, m, cn)),
-                           _splat(builder, vt, _entry(context, builder, pty, pval, m, c)))
-            for m in range(count)]
+class _VectorType(types.Type):
+    """An LLVM vector of `lanes` values of `dtype`: a parameter splatted once and kept in a
+    register from one vector of a run to the next (see _seg_vectors)."""
+
+    def __init__(self, dtype, lanes):
+        self.dtype = dtype
+        self.lanes = lanes
+        super().__init__(name=f"vector({dtype} x {lanes})")
+
+
+@register_model(_VectorType)
+class _VectorModel(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        scalar = dmm.lookup(fe_type.dtype).get_value_type()
+        super().__init__(dmm, fe_type, ir.VectorType(scalar, fe_type.lanes))
+
+
+@intrinsic
+def _splat_column(typingctx, consts, k, rows):
+    """Column k of the first `rows` (a literal) rows of a C-contiguous 2-D array, each value
+    as a vector (a tuple of _VectorType)."""
+    if not isinstance(rows, types.IntegerLiteral):
+        return None
+    count = rows.literal_value
+    vty = _VectorType(consts.dtype, _vector_width(consts.dtype))
+    sig = types.UniTuple(vty, count)(consts, k, rows)
+
+    def codegen(context, builder, signature, args):
+        vt = context.get_value_type(vty)
+        values = [_splat(builder, vt, _entry(context, builder, signature.args[0], args[0], m,
+                                               args[1])) for m in range(count)]
+        return context.make_tuple(builder, signature.return_type, values)
+    return sig, codegen
+
+
+@intrinsic
+def _blend_columns(typingctx, first, second, boundary):
+    """Tuples of vectors (_splat_column) blended: the lanes before `boundary` from `first`, the
+    others from `second` (a vector across two channels)."""
+    sig = first(first, second, boundary)
+
+    def codegen(context, builder, signature, args):
+        vt = context.get_value_type(signature.args[0].dtype)
+        it = ir.IntType(32)
+        lanes = ir.Constant(ir.VectorType(it, vt.count), list(range(vt.count)))
+        nxt = builder.icmp_signed(">=", lanes,
+                                  _splat(builder, lanes.type, builder.trunc(args[2], it)))
+        values = [builder.select(nxt, builder.extract_value(args[1], m),
+                                 builder.extract_value(args[0], m))
+                  for m in range(signature.args[0].count)]
+        return context.make_tuple(builder, signature.return_type, values)
+    return sig, codegen
 
 
 @intrinsic(prefer_literal=True)
@@ -1209,40 +1251,35 @@ def _dx_step(typingctx, dyf, xf, of, dxf, i, consts, column, training, masked, s
     sig = types.void(dyf, xf, of, dxf, i, consts, column, training, masked, stream)
 
     def codegen(context, builder, signature, args):
-        dxt, pt = signature.args[3], signature.args[5]
-        vt = _vector_type(context, dxt.dtype)
-
-        def emit(training, masked, streamed):
-            p = [_param(context, builder, pt, args[5], m, args[6], vt)
-                 for m in range(5 if training else 1)]
-            dx = _dx_vector(context, builder, signature.args, args, p, vt, training, masked)
-            _store(context, builder, dxt, args[3], args[4], dx, streamed)
+        emit = _dx_emitter(context, builder, signature, args)
         _by_flags(builder, signature.args[7:], args[7:], emit)
         return context.get_dummy_value()
     return sig, codegen
 
 
-@intrinsic(prefer_literal=True)
-def _dx_seg_step(typingctx, dyf, xf, of, dxf, i, consts, c, cn, boundary, training, masked,
-                 stream):
-    """dxf[i:i+V] as by _dx_step, the lanes before `boundary` with the constants of channel c
-    (column c of consts = (a, b, c, hi, lo)), the others with those of channel cn."""
-    if not _are_flags(training, masked, stream):
-        return None
-    sig = types.void(dyf, xf, of, dxf, i, consts, c, cn, boundary, training, masked, stream)
+@functools.cache
+def _dx_step_as(training: bool, masked: bool, stream: bool):
+    """_dx_step with the flags compiled in (see _norm_step_as)."""
+    @intrinsic
+    def dx_step(typingctx, dyf, xf, of, dxf, i, consts, column):
+        def codegen(context, builder, signature, args):
+            _dx_emitter(context, builder, signature, args)(training, masked, stream)
+            return context.get_dummy_value()
+        return types.void(dyf, xf, of, dxf, i, consts, column), codegen
+    return dx_step
 
-    def codegen(context, builder, signature, args):
-        dxt, pt = signature.args[3], signature.args[5]
-        vt = _vector_type(context, dxt.dtype)
 
-        def emit(training, masked, streamed):
-            p = _blend(context, builder, pt, args[5], args[6], args[7], args[8], vt,
-                       5 if training else 1)
-            dx = _dx_vector(context, builder, signature.args, args, p, vt, training, masked)
-            _store(context, builder, dxt, args[3], args[4], dx, streamed)
-        _by_flags(builder, signature.args[9:], args[9:], emit)
-        return context.get_dummy_value()
-    return sig, codegen
+def _dx_emitter(context, builder, signature, args):
+    """emit(training, masked, streamed): the code of _dx_step for its first seven arguments."""
+    dxt, pt = signature.args[3], signature.args[5]
+    vt = _vector_type(context, dxt.dtype)
+
+    def emit(training, masked, streamed):
+        p = [_param(context, builder, pt, args[5], m, args[6], vt)
+             for m in range(5 if training else 1)]
+        dx = _dx_vector(context, builder, signature.args, args, p, vt, training, masked)
+        _store(context, builder, dxt, args[3], args[4], dx, streamed)
+    return emit
 
 
 def _dx_vector(context, builder, argtys, args, p, vt, training, masked):
@@ -1345,43 +1382,42 @@ def _norm_seg_run(xf, of, rf, start, n, has_res, relu, consts, c, seg, zero, str
 
 def _seg_vectors(arrays, start, head, body, consts, c, seg, dx, a, b, stream):
     """The whole vectors [head, body) of a run from `start` across channels c, c + 1, ... of
-    `seg` values each (at least one vector), channel by channel: the vectors inside the
-    channel from its constants as scalars (splats that stay in registers), then the one it
-    shares with the next channel (a blend of the two channels' constants). The normalization
-    (arrays (xf, of, rf), flags a = residual, b = ReLU) or dx (arrays (dyf, xf, of, dxf),
-    a = training, b = masked), streamed or not. The flags must be literals (see _specialized):
-    each combination is compiled as its own loop, with no test of the flags per vector (and no
-    function passed as a value, which Numba could not cache)."""
+    `seg` values each (at least one vector), in one loop: the constants of the current channel
+    splatted once into vectors (_splat_column) that stay in registers from one vector to the
+    next, and at each channel boundary a vector with the lanes of both channels' constants
+    (_blend_columns), as the Cython backend's fastbn_affine_seg does. Splatted per vector
+    (from scalars), the loop took 8 cycles a vector in the L1 against 5.6 (7x7 float32). The
+    normalization (arrays (xf, of, rf), flags a = residual, b = ReLU) or dx (arrays (dyf, xf,
+    of, dxf), a = training, b = masked), streamed or not. The flags must be literals (see
+    _specialized): each combination is compiled as its own loop, with no test of the flags per
+    vector (and no function passed as a value, which Numba could not cache)."""
 
 
 @overload(_seg_vectors, jit_options=_JIT, prefer_literal=True)
 def _seg_vectors_jit(arrays, start, head, body, consts, c, seg, dx, a, b, stream):
-    if not isinstance(dx, types.BooleanLiteral):
+    if not all(isinstance(f, types.BooleanLiteral) for f in (dx, a, b, stream)):
         return None
-    inside, across = (_dx_step, _dx_seg_step) if dx.literal_value else (_norm_step,
-                                                                         _norm_seg_step)
+    flags = (a.literal_value, b.literal_value, stream.literal_value)
+    inside = _dx_step_as(*flags) if dx.literal_value else _norm_step_as(*flags)
+    rows = (5 if a.literal_value else 1) if dx.literal_value else 4  # the constants used
     width = _vector_width(arrays[0].dtype)  # a constant: no division by it below
 
     def vectors(arrays, start, head, body, consts, c, seg, dx, a, b, stream):
         last = consts.shape[1] - 1
-        five = min(4, consts.shape[0] - 1)  # (the normalization has four constants, dx five)
         k = c + head // seg
-        p = head - (k - c) * seg  # position in channel k
-        t = head
-        while t < body:
-            count = min(body - t, seg - p) // width
-            shared = seg - p - count * width  # lanes of channel k in the vector after those
-            cc = (consts[0, k], consts[1, k], consts[2, k], consts[3, k], consts[five, k])
-            for i in range(start + t, start + t + count * width, width):
-                inside(*arrays, i, cc, 0, a, b, stream)
-            t += count * width
-            p = 0
-            if shared > 0 and t < body:
-                across(*arrays, start + t, consts, k, min(k + 1, last), np.int64(shared), a, b,
-                       stream)
-                t += width
-                p = width - shared
-            k += 1
+        end = head - (k - c) * seg  # where the vector before the next ends in channel k
+        now = _splat_column(consts, k, rows)
+        for i in range(start + head, start + body, width):
+            end += width
+            if end < seg:
+                inside(*arrays, i, now, 0)
+                continue
+            # the vector holds the last seg - (end - width) values of channel k
+            k = min(k + 1, last)
+            nxt = _splat_column(consts, k, rows)
+            inside(*arrays, i, _blend_columns(now, nxt, seg - end + width), 0)
+            end -= seg
+            now = nxt
     return vectors
 
 
@@ -1771,9 +1807,12 @@ def _across_channels(out, inner, stream):
     about ELEMENTWISE_SPAN values, since span by span each span's scalar head and tail cost
     more than the blends (as in the Cython backend's _unaligned_spans). Float32 inference, x
     copy, four buffer pairs interleaved with a copy of another array (as the benchmark times
-    them): 32x256x56x56 1.35 -> 1.07, 32x64x112x112 1.30 -> 0.99."""
+    them): 32x256x56x56 1.35 -> 1.07, 32x64x112x112 1.30 -> 0.99. Streamed short rows also
+    take runs of about ELEMENTWISE_SPAN values, since each task ends with a store fence (as
+    the Cython backend's blocks do): 64x2048x7x7 inference, Numba over Cython time, 1.35-1.45
+    -> 1.01-1.08 (SEG_RUN values a run)."""
     if VECTOR_BYTES // out.itemsize <= inner <= RUN:
-        return max(1, SEG_RUN // inner)
+        return max(1, (ELEMENTWISE_SPAN if stream else SEG_RUN) // inner)
     if stream and inner > RUN and (out.ctypes.data % VECTOR_BYTES != 0
                                    or inner * out.itemsize % VECTOR_BYTES != 0):
         return max(1, ELEMENTWISE_SPAN // inner)
