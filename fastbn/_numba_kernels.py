@@ -157,6 +157,7 @@ MAX_ROW_BLOCKS = 64
 # rows keep the float64 lanes (M2 within 1e-10 of NumPy's at an offset of 1e4, float32 trees
 # 3e-9).
 COLUMNS32_BELOW = 256
+GRAD32_SPANS_FROM = 128  # channels-first rows this long: float32 backward sums (see _unit_sums)
 COLUMNS32_FROM = 1024
 # Channels-first training (float32) and backward of rows of OVERLAP_FROM values or more, with
 # streamed outputs, overlap the channel groups: one parallel pass sums group k (from memory)
@@ -826,13 +827,12 @@ def _span_grad32(dyf, xf, of, has_out, b, n, mean, acc, side=None, pos=0, sdxf=N
     _flush_intrinsic), then corrected by (m - mean) * sum(g).
 
     Returns (ok, sum1, sum2, pos); not ok (the caller sums in float64) for spans of fewer than
-    8 * LANES values and for sums that are not finite or tiny (possible underflow). `side`,
+    16 values and for sums that are not finite or tiny (possible underflow). `side`,
     pos, sdxf: a streamed dx that advances by as many values per flush (see _side_dx).
 
     Against the float64 lanes of _grad_sums, one thread, spans of 3136 in L2: 3.2 -> 4.7 values
     per ns, ReLU-masked 0.9 -> 4.1 (trees of eight rows of LANES values in Numba's loops)."""
-    rows = n // LANES
-    if rows < 8:
+    if n < 16:
         return False, 0.0, 0.0, pos
     m = np.float32(mean)
     acc[:8] = 0.0
@@ -1618,6 +1618,13 @@ def _unit_sums(dyf, xf, of, shape, has_out, center, c0, c1, u, part_s, part_q, s
             part_s[(c - c0) * bpc + j] = s[c - ca]
             part_q[(c - c0) * bpc + j] = q[c - ca]
         return
+    if (dyf is not None and _is_float32(xf) and GRAD32_SPANS_FROM <= inner <= RUN
+            and _short_spans_grad32(dyf, xf, of, has_out, start, rows, stride, cb - ca, inner,
+                                    center[ca:cb], scratch)):
+        for c in range(ca, cb):
+            part_s[(c - c0) * bpc + j] = scratch[0, c - ca]
+            part_q[(c - c0) * bpc + j] = scratch[1, c - ca]
+        return
     if inner <= RUN:
         centerv = scratch[2, :width]
         for c in range(ca, cb):
@@ -1658,6 +1665,33 @@ def _unit_sums(dyf, xf, of, shape, has_out, center, c0, c1, u, part_s, part_q, s
         k = (c - ca) * period
         part_s[slot + (c - ca) * bpc] = s[k:k + period].sum()
         part_q[slot + (c - ca) * bpc] = q[k:k + period].sum()
+
+
+@njit(**_JIT)
+def _short_spans_grad32(dyf, xf, of, has_out, start, rows, stride, chans, inner, mean,
+                        scratch):
+    """Backward sums of `rows` rows from start (stride apart) of `chans` channels of `inner`
+    float32 values each (short rows: 7x7, 14x14), span by span in memory order with
+    _span_grad32, as the Cython backend sums them (float32 from 16 values on), into
+    scratch[0, :chans] and scratch[1, :chans]. Returns False (the caller sums in float64)
+    where a span's float32 sums are not to be trusted. Used from GRAD32_SPANS_FROM values a
+    row: against the float64 lanes of _lanes, Numba over Cython time, backward, one thread,
+    8x576x14x14 1.85-1.98 -> 1.48-1.51 (2 threads 1.85 -> 1.71-1.75), 8x128x28x28 2.38 ->
+    1.50; but 16x1024x7x7 1.1 -> 1.8 (a call per 49 values costs more than it saves)."""
+    s = scratch[0, :chans]
+    q = scratch[1, :chans]
+    acc = _borrowed(scratch[3])  # (a call per span: see _borrowed)
+    s[:] = 0.0
+    q[:] = 0.0
+    for r in range(rows):
+        for c in range(chans):
+            ok, s1, s2, _ = _span_grad32(dyf, xf, of, has_out, start + r * stride + c * inner,
+                                         inner, mean[c], acc)
+            if not ok:
+                return False
+            s[c] += s1
+            q[c] += s2
+    return True
 
 
 @njit(**_JIT)
