@@ -401,6 +401,40 @@ def test_channels_first_short_rows_moments_by_columns(shape):
         np.delete(m2, 1), ((want - want_mean[:, None]) ** 2).sum(axis=(0, 2)), rtol=1e-5)
 
 
+@pytest.mark.parametrize("inner", [numba_kernels.GRAD32_SPANS_FROM, 196, numba_kernels.RUN])
+@pytest.mark.parametrize("masked", [False, True])
+def test_channels_first_short_rows_backward_sums_in_float32_spans(inner, masked):
+    """Backward sums of float32 channels-first rows of GRAD32_SPANS_FROM to RUN values are
+    float32 span by span: within float32 rounding of each term of exact float64 sums, with
+    channels whose spans fall back to float64 (a NaN, dy all zero, dy near the float32
+    underflow), a 1e4 offset, masked by the forward output or not."""
+    rng = np.random.default_rng(21)
+    shape = (6, 11, inner)
+    x = (rng.standard_normal(shape) * 3 + 7).astype(np.float32)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    x[:, 4] += 1e4
+    dy[:, 1] = 0.0
+    dy[:, 2] *= np.float32(1e-37)
+    dy[2, 3, 5] = np.nan
+    x[2, 3, 5] = 30.0  # above the mean: not masked
+    x64 = x.astype(np.float64)
+    mean = x64.mean(axis=(0, 2))
+    invstd = 1 / np.sqrt(x64.var(axis=(0, 2)) + 1e-5)
+    output = (x - mean[None, :, None].astype(np.float32)) if masked else None
+    g = dy.astype(np.float64)
+    if masked:
+        g = np.where(output > 0, g, 0.0)
+    terms = g * (x64 - mean[None, :, None])
+    dx = np.empty_like(x)
+    got = numba_kernels.backward(dy, x, mean, invstd, np.ones(11), output, True, dx, 2)
+    for sums, want in zip(got, (g, terms)):
+        assert np.isnan(sums[3])
+        assert sums[1] == 0.0
+        keep = np.arange(11) != 3
+        bound = 1e-6 * np.abs(want).sum(axis=(0, 2))[keep]
+        assert np.all(np.abs(sums[keep] - want.sum(axis=(0, 2))[keep]) <= bound)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("inner", [7, 8, 15, 16, 17, 49, 196, numba_kernels.RUN])
 def test_short_rows_normalized_across_channels(monkeypatch, dtype, inner):
@@ -409,7 +443,8 @@ def test_short_rows_normalized_across_channels(monkeypatch, dtype, inner):
     element-wise formula ((x - hi) - lo) * scale + shift + residual, ReLU, in the data's
     dtype, streamed or not, at several output alignments, with several runs per image."""
     rng = np.random.default_rng(12)
-    channels = 2 * numba_kernels.SEG_RUN // inner + 3
+    # several runs per image, streamed (ELEMENTWISE_SPAN values a run) or not (SEG_RUN)
+    channels = 2 * numba_kernels.ELEMENTWISE_SPAN // inner + 3
     shape = (3, channels, inner)
     x = (rng.standard_normal(shape) * 2 + 3).astype(dtype)
     x.flat[::101] = np.nan
@@ -441,7 +476,8 @@ def test_short_rows_dx_across_channels(monkeypatch, dtype, inner):
     masked where the forward output <= 0, with the constants from the returned sums, in the
     data's dtype, streamed or not, misaligned."""
     rng = np.random.default_rng(13)
-    channels = 2 * numba_kernels.SEG_RUN // inner + 3
+    # several runs per image, streamed (ELEMENTWISE_SPAN values a run) or not (SEG_RUN)
+    channels = 2 * numba_kernels.ELEMENTWISE_SPAN // inner + 3
     shape = (3, channels, inner)
     x = (rng.standard_normal(shape) * 2 + 3).astype(dtype)
     dy = rng.standard_normal(shape).astype(dtype)
