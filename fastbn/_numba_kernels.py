@@ -1619,6 +1619,7 @@ def _unit_sums(dyf, xf, of, shape, has_out, center, c0, c1, u, part_s, part_q, s
             part_q[(c - c0) * bpc + j] = q[c - ca]
         return
     if (dyf is not None and _is_float32(xf) and GRAD32_SPANS_FROM <= inner <= RUN
+            and xf.size * xf.itemsize * 2 <= STREAM_ABOVE  # from the cache: see below
             and _short_spans_grad32(dyf, xf, of, has_out, start, rows, stride, cb - ca, inner,
                                     center[ca:cb], scratch)):
         for c in range(ca, cb):
@@ -1675,9 +1676,12 @@ def _short_spans_grad32(dyf, xf, of, has_out, start, rows, stride, chans, inner,
     _span_grad32, as the Cython backend sums them (float32 from 16 values on), into
     scratch[0, :chans] and scratch[1, :chans]. Returns False (the caller sums in float64)
     where a span's float32 sums are not to be trusted. Used from GRAD32_SPANS_FROM values a
-    row: against the float64 lanes of _lanes, Numba over Cython time, backward, one thread,
-    8x576x14x14 1.85-1.98 -> 1.48-1.51 (2 threads 1.85 -> 1.71-1.75), 8x128x28x28 2.38 ->
-    1.50; but 16x1024x7x7 1.1 -> 1.8 (a call per 49 values costs more than it saves)."""
+    row, for data in the cache: against the float64 lanes of _lanes, Numba over Cython time,
+    backward, one thread, 8x576x14x14 1.85-1.98 -> 1.48-1.51 (2 threads 1.85 -> 1.71-1.75),
+    8x128x28x28 2.38 -> 1.50 (2 threads 2.36 -> 1.41); but 16x1024x7x7 1.1 -> 1.8 (a call
+    per 49 values costs more than it saves), and from memory (2 threads) 32x576x14x14
+    1.42-1.44 -> 1.63-1.66, 32x128x28x28 1.45-1.52 -> 1.59-1.68: the lanes' longer loops
+    keep more loads in flight."""
     s = scratch[0, :chans]
     q = scratch[1, :chans]
     acc = _borrowed(scratch[3])  # (a call per span: see _borrowed)
