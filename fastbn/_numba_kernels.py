@@ -1147,13 +1147,21 @@ def _norm_step(typingctx, xf, of, rf, i, consts, column, has_res, relu, stream):
     residual + ReLU 1.4x slower)."""
     if not _are_flags(has_res, relu, stream):
         return None
-    sig = types.void(xf, of, rf, i, consts, column, has_res, relu, stream)
+    return (types.void(xf, of, rf, i, consts, column, has_res, relu, stream),
+            _step_codegen(_norm_emitter, 6))
 
+
+def _step_codegen(emitter, first_flag, flags=None):
+    """The codegen of a vector step: emitter(...)(*flags), the flags given, or (flags None)
+    the intrinsic's arguments from first_flag on (see _by_flags)."""
     def codegen(context, builder, signature, args):
-        emit = _norm_emitter(context, builder, signature, args)
-        _by_flags(builder, signature.args[6:], args[6:], emit)
+        emit = emitter(context, builder, signature, args)
+        if flags is None:
+            _by_flags(builder, signature.args[first_flag:], args[first_flag:], emit)
+        else:
+            emit(*flags)
         return context.get_dummy_value()
-    return sig, codegen
+    return codegen
 
 
 @functools.cache
@@ -1162,10 +1170,8 @@ def _norm_step_as(has_res: bool, relu: bool, stream: bool):
     arguments Numba types as plain booleans even where the overload saw literals)."""
     @intrinsic
     def norm_step(typingctx, xf, of, rf, i, consts, column):
-        def codegen(context, builder, signature, args):
-            _norm_emitter(context, builder, signature, args)(has_res, relu, stream)
-            return context.get_dummy_value()
-        return types.void(xf, of, rf, i, consts, column), codegen
+        return (types.void(xf, of, rf, i, consts, column),
+                _step_codegen(_norm_emitter, 6, (has_res, relu, stream)))
     return norm_step
 
 
@@ -1248,13 +1254,8 @@ def _dx_step(typingctx, dyf, xf, of, dxf, i, consts, column, training, masked, s
     the flags as in _norm_step."""
     if not _are_flags(training, masked, stream):
         return None
-    sig = types.void(dyf, xf, of, dxf, i, consts, column, training, masked, stream)
-
-    def codegen(context, builder, signature, args):
-        emit = _dx_emitter(context, builder, signature, args)
-        _by_flags(builder, signature.args[7:], args[7:], emit)
-        return context.get_dummy_value()
-    return sig, codegen
+    return (types.void(dyf, xf, of, dxf, i, consts, column, training, masked, stream),
+            _step_codegen(_dx_emitter, 7))
 
 
 @functools.cache
@@ -1262,10 +1263,8 @@ def _dx_step_as(training: bool, masked: bool, stream: bool):
     """_dx_step with the flags compiled in (see _norm_step_as)."""
     @intrinsic
     def dx_step(typingctx, dyf, xf, of, dxf, i, consts, column):
-        def codegen(context, builder, signature, args):
-            _dx_emitter(context, builder, signature, args)(training, masked, stream)
-            return context.get_dummy_value()
-        return types.void(dyf, xf, of, dxf, i, consts, column), codegen
+        return (types.void(dyf, xf, of, dxf, i, consts, column),
+                _step_codegen(_dx_emitter, 7, (training, masked, stream)))
     return dx_step
 
 
