@@ -134,7 +134,7 @@ CANCEL = 4.0
 # 32x256x56x56 (from memory), x copy: 1 thread 1.27 -> 1.04, 2 threads 1.01 -> 0.91 (Cython
 # 0.96, 0.83); in L2 unchanged (1.09 -> 1.07); on an Intel Xeon, moments 32x64x112x112
 # 0.78-0.82 -> 0.65-0.67, 32x256x56x56 0.96 -> 0.91 (2 KB -> 8 KB ahead). The sequential
-# vectors of _flush_intrinsic, on a Zen 4: moments without the prefetch 0.63-0.65 against
+# vectors of _sums_intrinsic, on a Zen 4: moments without the prefetch 0.63-0.65 against
 # 0.65-0.69 (kept, for the Intel figures). The gradient sums prefetch when dy and x fit in
 # half the last-level cache (8x64x56x56 backward Numba/Cython 1.41-1.55 -> 1.27-1.41), and
 # from memory where fastbn._config.gradient_prefetch says so (Intel): an Intel Xeon guest,
@@ -251,44 +251,63 @@ def _borrowed(typingctx, arr):
     return sig, codegen
 
 
-def _flush_intrinsic(grad: bool, masked: bool, steps: int):
-    """An intrinsic: `steps` steps of 16 float32 values from index a of the span sums, as the
-    Cython kernels' loop (fastbn_span_sums_f32, fastbn_span_grad_sums_f32) in 8-lane vectors:
-    p, q += d (d = x - m), r, t += d * d, or for `grad` p, q += g and r, t += g * (x - m) (g = dy,
-    masked by of > 0 when `masked`); then p + q and r + t widened to float64 and added into
-    acc[0:4] and acc[4:8]. Each step prefetches the lines `ahead` values on (0: none). In the
-    vectors of Numba's own loops, the trees of eight 32-lane rows went through a scratch array
-    and 64 float64 lanes in memory: one thread, spans of 3136 in L2, moments 6.5 -> 10.9 values
-    per ns; 32x256x56x56 moments, 2 threads, x copy 1.44-1.51 -> 0.72 (Cython 0.67)."""
+@intrinsic
+def _keep(typingctx, owner):
+    """Nothing, but a use of `owner`: Numba releases an array after its last use, so that the
+    owner of borrowed views (see _borrowed) called with _keep after them outlives them."""
+    def codegen(context, builder, signature, args):
+        return context.get_dummy_value()
+    return types.void(owner), codegen
+
+
+def _sums_intrinsic(grad: bool):
+    """An intrinsic: the span sums of n float32 values from index a (n a multiple of 16), as
+    the Cython kernels' loop (fastbn_span_sums_f32, fastbn_span_grad_sums_f32) in 8-lane
+    vectors: p, q += d (d = x - m), r, t += d * d, or for `grad` p, q += g and r, t += g * (x - m)
+    (g = dy, masked by of > 0 when `masked`), FLUSH steps of 16 values at a time; after each
+    flush p + q and r + t are widened to float64 and added into acc[0:4] and acc[4:8], which
+    stay in registers for the whole span. Each step prefetches the lines `ahead` values on (0:
+    none). In the vectors of Numba's own loops, the trees of eight 32-lane rows went through a
+    scratch array and 64 float64 lanes in memory: one thread, spans of 3136 in L2, moments
+    6.5 -> 10.9 values per ns; 32x256x56x56 moments, 2 threads, x copy 1.44-1.51 -> 0.72
+    (Cython 0.67). With an intrinsic call per flush (acc in memory after each, the steps after
+    the last full flush widened one by one) a 14x14 span's gradient sums took 35 ns in L1, in
+    this loop 29 (spans of 3136 unchanged)."""
     @intrinsic
-    def flush(typingctx, dyf, xf, of, a, m, acc, ahead):
-        sig = types.void(dyf, xf, of, a, m, acc, ahead)
+    def sums(typingctx, dyf, xf, of, a, n, m, acc, ahead, masked):
+        if not _are_flags(masked):
+            return None
+        sig = types.void(dyf, xf, of, a, n, m, acc, ahead, masked)
 
         def codegen(context, builder, signature, args):
-            dyt, xt, ot, _, _, acct, _ = signature.args
-            dyv, xv, ov, av, mv, accv, aheadv = args
+            dyt, xt, ot, _, _, _, acct, _, _ = signature.args
+            dyv, xv, ov, av, nv, mv, accv, aheadv, _ = args
             v8 = ir.VectorType(ir.FloatType(), 8)
             v4 = ir.VectorType(ir.DoubleType(), 4)
+            i64 = ir.IntType(64)
             zero = ir.Constant(v8, [0.0] * 8)
             m8 = _splat(builder, v8, mv)
+            accp = context.make_array(acct)(context, builder, accv).data
+            totals = [builder.bitcast(builder.gep(accp, [i64(k)]), v4.as_pointer())
+                      for k in (0, 4)]
+            sums = [cgutils.alloca_once_value(builder, builder.load(t, align=8))
+                    for t in totals]
+            lanes = [cgutils.alloca_once(builder, v8) for _ in range(4)]  # p, q, r, t
+            end = builder.add(av, nv)
 
             def load(aryty, ary, index):
                 data = context.make_array(aryty)(context, builder, ary).data
                 return builder.load(builder.bitcast(builder.gep(data, [index]), v8.as_pointer()),
                                     align=4)
 
-            def at(k):
-                return builder.add(av, ir.Constant(av.type, k))
-
-            p = q = r = t = zero
-            for step in range(steps):
-                i, j = at(16 * step), at(16 * step + 8)
-                with builder.if_then(builder.icmp_signed("!=", aheadv,
-                                                         ir.Constant(aheadv.type, 0))):
-                    ahead_at = builder.add(at(16 * step), aheadv)
+            def step(i, masked):
+                j = builder.add(i, i64(8))
+                with builder.if_then(builder.icmp_signed("!=", aheadv, i64(0))):
+                    ahead_at = builder.add(i, aheadv)
                     for aryty, ary in ((dyt, dyv), (xt, xv), (ot, ov))[0 if grad else 1:
                                                                        3 if masked else 2]:
                         _prefetch_line(context, builder, aryty, ary, ahead_at)
+                p, q, r, t = (builder.load(v) for v in lanes)
                 u = builder.fsub(load(xt, xv, i), m8)
                 w = builder.fsub(load(xt, xv, j), m8)
                 if grad:
@@ -304,19 +323,34 @@ def _flush_intrinsic(grad: bool, masked: bool, steps: int):
                 else:
                     r = builder.fadd(r, builder.fmul(u, u))
                     t = builder.fadd(t, builder.fmul(w, w))
-                p = builder.fadd(p, u)
-                q = builder.fadd(q, w)
-            accp = context.make_array(acct)(context, builder, accv).data
-            for k, v in ((0, builder.fadd(p, q)), (4, builder.fadd(r, t))):
+                for var, value in zip(lanes, (builder.fadd(p, u), builder.fadd(q, w), r, t)):
+                    builder.store(value, var)
+
+            def widen(v):
                 halves = [builder.fpext(builder.shuffle_vector(
                     v, v, ir.Constant(ir.VectorType(ir.IntType(32), 4), list(range(h, h + 4)))),
                     v4) for h in (0, 4)]
-                ptr = builder.bitcast(builder.gep(accp, [ir.IntType(64)(k)]), v4.as_pointer())
-                builder.store(builder.fadd(builder.load(ptr, align=8),
-                                           builder.fadd(halves[0], halves[1])), ptr, align=8)
+                return builder.fadd(halves[0], halves[1])
+
+            def emit(masked):
+                flush = i64(16 * FLUSH)
+                with cgutils.for_range_slice(builder, av, end, flush) as (i, _):
+                    for var in lanes:
+                        builder.store(zero, var)
+                    last = builder.add(i, flush)
+                    stop = builder.select(builder.icmp_signed("<", last, end), last, end)
+                    with cgutils.for_range_slice(builder, i, stop, i64(16)) as (k, _):
+                        step(k, masked)
+                    p, q, r, t = (builder.load(v) for v in lanes)
+                    for var, v in zip(sums, (builder.fadd(p, q), builder.fadd(r, t))):
+                        builder.store(builder.fadd(builder.load(var), widen(v)), var)
+
+            _by_flags(builder, signature.args[8:], args[8:], emit)
+            for total, var in zip(totals, sums):
+                builder.store(builder.load(var), total, align=8)
             return context.get_dummy_value()
         return sig, codegen
-    return flush
+    return sums
 
 
 def _prefetch_line(context, builder, aryty, ary, index):
@@ -330,12 +364,8 @@ def _prefetch_line(context, builder, aryty, ary, index):
     builder.call(fn, [address, i32(0), i32(3), i32(1)])
 
 
-_FLUSH_MOMENTS = _flush_intrinsic(False, False, FLUSH)
-_STEP_MOMENTS = _flush_intrinsic(False, False, 1)
-_FLUSH_GRAD = _flush_intrinsic(True, False, FLUSH)
-_STEP_GRAD = _flush_intrinsic(True, False, 1)
-_FLUSH_GRAD_MASKED = _flush_intrinsic(True, True, FLUSH)
-_STEP_GRAD_MASKED = _flush_intrinsic(True, True, 1)
+_SUMS_MOMENTS = _sums_intrinsic(False)
+_SUMS_GRAD = _sums_intrinsic(True)
 
 
 @njit(**_JIT)
@@ -764,7 +794,7 @@ def _span_moments32(xf, b, n, shift, acc, side=None, pos=0, of=None, rf=None):
     the Cython backend computes them (fastbn_span_sums_f32): d = x - m in float32 about a
     center m taken from the first values (the first value plus the mean difference of the first
     SAMPLE), in float32 vectors FLUSH steps of 16 values at a time, then in float64 (see
-    _flush_intrinsic), and re-centred on `shift`. acc: 8 float64 values of scratch.
+    _sums_intrinsic), and re-centred on `shift`. acc: 8 float64 values of scratch.
 
     Returns (ok, sum1, sum2, pos); not ok (the caller sums in float64) for spans of fewer than
     8 * LANES values, sums that are not finite (NaN or inf, squares past float32's range) or
@@ -776,7 +806,7 @@ def _span_moments32(xf, b, n, shift, acc, side=None, pos=0, of=None, rf=None):
     The float64 lanes convert every value; these compute in float32, twice as many per vector,
     and convert one vector per flush. Channels-first float32 moments, x copy, 2 threads, in one
     run: 32x256x56x56 1.46 -> 1.04, 32x64x112x112 1.26 -> 0.90 (Cython 0.72, 0.71) with trees of
-    eight rows of LANES values in Numba's own loops; in the vectors of _flush_intrinsic, on a
+    eight rows of LANES values in Numba's own loops; in the vectors of _sums_intrinsic, on a
     Zen 4: 1.44-1.51 -> 0.72-0.98 and 0.68 (Cython 0.66-0.68, 0.63). Errors against exact
     float64 as the Cython kernel's (offsets, outliers, ramps, steps)."""
     rows = n // LANES
@@ -792,15 +822,14 @@ def _span_moments32(xf, b, n, shift, acc, side=None, pos=0, of=None, rf=None):
     m = np.float32(x0 + np.float32(d / sample))
     acc[:8] = 0.0
     end = b + n // 16 * 16
-    i = b
-    while i + 16 * FLUSH <= end:
-        _FLUSH_MOMENTS(xf, xf, xf, i, m, acc, np.int64(MOMENTS_AHEAD32))
-        if side is not None:
-            pos = _side_norm(side, pos, 16 * FLUSH, xf, of, rf)
-        i += 16 * FLUSH
-    while i < end:
-        _STEP_MOMENTS(xf, xf, xf, i, m, acc, np.int64(MOMENTS_AHEAD32))
-        i += 16
+    if side is None:
+        _SUMS_MOMENTS(xf, xf, xf, b, end - b, m, acc, np.int64(MOMENTS_AHEAD32), False)
+    else:  # a flush at a time, each followed by its share of the normalization
+        for i in range(b, end, 16 * FLUSH):
+            k = min(16 * FLUSH, end - i)
+            _SUMS_MOMENTS(xf, xf, xf, i, k, m, acc, np.int64(MOMENTS_AHEAD32), False)
+            if k == 16 * FLUSH:
+                pos = _side_norm(side, pos, k, xf, of, rf)
     mm = np.float64(m)
     tail1 = 0.0
     tail2 = 0.0
@@ -824,7 +853,7 @@ def _span_grad32(dyf, xf, of, has_out, b, n, mean, acc, side=None, pos=0, sdxf=N
     dy where the forward output `of` > 0 when `has_out`, as the Cython backend computes them
     (fastbn_span_grad_sums_f32): g * (x - m) about the mean rounded to float32, in float32
     vectors FLUSH steps of 16 values at a time, then in float64 (acc: 8 float64 values, see
-    _flush_intrinsic), then corrected by (m - mean) * sum(g).
+    _sums_intrinsic), then corrected by (m - mean) * sum(g).
 
     Returns (ok, sum1, sum2, pos); not ok (the caller sums in float64) for spans of fewer than
     16 values and for sums that are not finite or tiny (possible underflow). `side`,
@@ -839,21 +868,14 @@ def _span_grad32(dyf, xf, of, has_out, b, n, mean, acc, side=None, pos=0, sdxf=N
     from_cache = xf.size * xf.itemsize * 2 <= STREAM_ABOVE
     ahead = np.int64(AHEAD32 if GRAD_AHEAD_FROM_MEMORY or from_cache else 0)  # see AHEAD32
     end = b + n // 16 * 16
-    i = b
-    while i + 16 * FLUSH <= end:
-        if has_out:
-            _FLUSH_GRAD_MASKED(dyf, xf, of, i, m, acc, ahead)
-        else:
-            _FLUSH_GRAD(dyf, xf, of, i, m, acc, ahead)
-        if side is not None:
-            pos = _side_dx(side, pos, 16 * FLUSH, dyf, xf, of, sdxf)
-        i += 16 * FLUSH
-    while i < end:
-        if has_out:
-            _STEP_GRAD_MASKED(dyf, xf, of, i, m, acc, ahead)
-        else:
-            _STEP_GRAD(dyf, xf, of, i, m, acc, ahead)
-        i += 16
+    if side is None:
+        _SUMS_GRAD(dyf, xf, of, b, end - b, m, acc, ahead, has_out)
+    else:  # a flush at a time, each followed by its share of dx
+        for i in range(b, end, 16 * FLUSH):
+            k = min(16 * FLUSH, end - i)
+            _SUMS_GRAD(dyf, xf, of, i, k, m, acc, ahead, has_out)
+            if k == 16 * FLUSH:
+                pos = _side_dx(side, pos, k, dyf, xf, of, sdxf)
     tail1 = 0.0
     tail2 = 0.0
     mm = np.float64(m)
@@ -1819,8 +1841,10 @@ def _chw_partials(dy, x, output, has_out, center, c0, c1, part_s, part_q):
     # The flat views once per call and the scratch once per chunk, not per unit: each reshape
     # and each call with an array argument updates the array's reference count atomically, a
     # cache line both threads write (32x256x56x56 gradient sums 1.45 -> 1.38 x copy; a bare
-    # loop over the rows: 1.33). The views are borrowed (see _borrowed) for the same reason;
-    # the scratch is not, since Numba frees an owner it sees no further use of.
+    # loop over the rows: 1.33). The views are borrowed (see _borrowed) for the same reason,
+    # and so is the scratch, whose slices (several a span) otherwise each take an atomic
+    # increment and decrement: 20% of one thread's time on 8x64x56x56 moments; Numba over
+    # Cython time, 2 threads, interleaved, 1.39-1.42 -> 1.20-1.22.
     dyf = _borrowed(_flat(dy))
     xf = _borrowed(x.reshape(x.size))
     of = _borrowed(output.reshape(output.size))
@@ -1828,11 +1852,15 @@ def _chw_partials(dy, x, output, has_out, center, c0, c1, part_s, part_q):
     part_s = _borrowed(part_s)
     part_q = _borrowed(part_q)
     for k in prange(chunks):
-        scratch = np.empty((4, max(RUN, LANES)))
-        scratch32 = np.empty((7, COLS), np.float32)
+        owner = np.empty((4, max(RUN, LANES)))
+        owner32 = np.empty((7, COLS), np.float32)
+        scratch = _borrowed(owner)
+        scratch32 = _borrowed(owner32)
         for u in range(np.int64(k) * UNIT_CHUNK, min(units, (np.int64(k) + 1) * UNIT_CHUNK)):
             _unit_sums(dyf, xf, of, x.shape, has_out, center, c0, c1, u, part_s, part_q,
                        scratch, scratch32)
+        _keep(owner)
+        _keep(owner32)
 
 
 @njit(**_JIT)
@@ -1994,7 +2022,7 @@ def _output_run_jit(dyf, xf, of, rf, outf, start, n, has_out, training, has_res,
 
 @njit(**_JIT)
 def _unit_pair(dyf, xf, of, rf, outf, shape, has_out, center, c0, c1, part_s, part_q,
-               consts, has_res, relu, training, e0, e1, u, do_a, do_e, s, q, cv):
+               consts, has_res, relu, training, e0, e1, u, do_a, do_e, s, q, cv, zero):
     """Long rows, streamed output: unit u of the sums of channels [c0, c1) (when do_a; as
     _unit_sums: gradient sums when dyf is an array, else float32 moments) beside unit u of the
     output of channels [e0, e1) (when do_e; dx as _chw_dx, or the normalization as
@@ -2003,7 +2031,6 @@ def _unit_pair(dyf, xf, of, rf, outf, shape, has_out, center, c0, c1, part_s, pa
     from memory while it writes the other."""
     outer, channels, inner = shape
     bpc = _geometry(outer, inner)[3]
-    zero = np.zeros(1, xf.dtype)[0]
     width = VECTOR_BYTES // xf.itemsize
     period = np.int64(LANES)
     ca = cb = start = seg = j = ea = eb = estart = eseg = np.int64(0)
@@ -2080,12 +2107,15 @@ def _chw_overlap(dy, x, output, has_out, center, c0, c1, part_s, part_q, consts,
     part_s = _borrowed(part_s)
     part_q = _borrowed(part_q)
     consts = _borrowed(consts)
+    zero = _zero_of(x)
     for k in prange((units + UNIT_CHUNK - 1) // UNIT_CHUNK):
-        lanes = np.empty((3, LANES))
+        owner = np.empty((3, LANES))
+        lanes = _borrowed(owner)  # as in _chw_partials
         for u in range(np.int64(k) * UNIT_CHUNK, min(units, (np.int64(k) + 1) * UNIT_CHUNK)):
             _unit_pair(dyf, xf, of, rf, outf, x.shape, has_out, center, c0, c1, part_s,
                        part_q, consts, has_res, relu, training, e0, e1, u, u < ua, u < ue,
-                       lanes[0], lanes[1], lanes[2])
+                       lanes[0], lanes[1], lanes[2], zero)
+        _keep(owner)
         _store_fence()
 
 
