@@ -1464,9 +1464,16 @@ DEF PARAM_PAD = 16                       # lanes of the widest vector (float32)
 # columns (fastbn_cols_sums_f32) in blocks of COLUMN_ROWS rows n of about COLUMN_BLOCK values
 # (the element-wise pass keeps its blocks, see _elementwise_layout). Rows x values, x copy,
 # moments 64x2048x7x7 / 32x1280x7x7 / 32x576x14x14: 16 x 32768 1.06 / 0.84 / 0.67, 8 x 32768
-# 1.03 / 1.00 / 0.72, 32 x 65536 0.99 / 0.77 / 0.55 (spans: 1.34 / 1.23 / 0.77).
+# 1.03 / 1.00 / 0.72, 32 x 65536 0.99 / 0.77 / 0.55 (spans: 1.34 / 1.23 / 0.77). (64 rows: moments
+# 64x2048x7x7 0.81 -> 0.71, but training 1.91 -> 2.27.) A channel group's columns make at least
+# COLUMN_TASKS blocks: the 1 MB groups of the training pass made 4-5 blocks, 3 against 2 on two
+# threads. Float32 training, 2 threads, x copy, interleaved, 1 / 16 blocks at least: 8x576x14x14
+# 3.06 / 2.61, 32x576x14x14 2.41 / 2.00, 16x1280x7x7 2.90 / 2.31, 32x1280x7x7 2.56 / 2.10,
+# 64x2048x7x7 1.58 / 1.50; one thread and moments unchanged. (Element-wise blocks that follow
+# the column blocks, so that each thread normalizes the channels it summed: no faster.)
 cdef Py_ssize_t COLUMN_SPAN = LONG_SPAN
 cdef Py_ssize_t COLUMN_ROWS = 32
+cdef Py_ssize_t COLUMN_TASKS = 16
 cdef Py_ssize_t COLUMN_BLOCK = 65536
 
 
@@ -1475,8 +1482,10 @@ def _tuning(**changes):
     global SEGMENT, ROW_BLOCK_BYTES, MAX_ROW_BLOCKS, GROUP_BYTES, SERIAL_BELOW, STREAM_ABOVE
     global ALIAS_GUARD, LANES_FROM, MEM_SUMS_BELOW, GRAD_LANES_STREAMED, MIN_BLOCK_ROWS
     global GRAD_MEM_BELOW, OVERLAP, OVERLAP_GRAD, COLUMN_SPAN, COLUMN_ROWS, COLUMN_BLOCK, PACK_GRAD
+    global COLUMN_TASKS
     global ELEMENTWISE_SPAN
     previous = dict(OVERLAP=OVERLAP, OVERLAP_GRAD=OVERLAP_GRAD, ELEMENTWISE_SPAN=ELEMENTWISE_SPAN, COLUMN_SPAN=COLUMN_SPAN, COLUMN_ROWS=COLUMN_ROWS,
+                    COLUMN_TASKS=COLUMN_TASKS,
                     COLUMN_BLOCK=COLUMN_BLOCK, LANES_FROM=LANES_FROM,
                     MEM_SUMS_BELOW=MEM_SUMS_BELOW, MIN_BLOCK_ROWS=MIN_BLOCK_ROWS,
                     GRAD_MEM_BELOW=GRAD_MEM_BELOW, GRAD_LANES_STREAMED=GRAD_LANES_STREAMED,
@@ -1507,6 +1516,7 @@ def _tuning(**changes):
     COLUMN_SPAN = changes.get("COLUMN_SPAN", COLUMN_SPAN)
     COLUMN_ROWS = changes.get("COLUMN_ROWS", COLUMN_ROWS)
     COLUMN_BLOCK = changes.get("COLUMN_BLOCK", COLUMN_BLOCK)
+    COLUMN_TASKS = changes.get("COLUMN_TASKS", COLUMN_TASKS)
     return previous
 
 
@@ -1605,7 +1615,7 @@ cdef void _set_group(Layout* L, Py_ssize_t group) noexcept nogil:
     than SEGMENT values (a batch of one 56x56 image) is split into blocks of channels, so
     that small batches use every thread. Partial sums are kept per (unit, channel).
     """
-    cdef Py_ssize_t chunk_rows, chunks
+    cdef Py_ssize_t chunk_rows, chunks, blocks
     L.group = group
     chunk_rows = max(1, SEGMENT // max(1, group * L.inner)) if L.nseg == 1 else 1
     if L.columns:
@@ -1615,6 +1625,9 @@ cdef void _set_group(Layout* L, Py_ssize_t group) noexcept nogil:
     L.chan_chunk = max(1, group)
     if L.columns:
         L.chan_chunk = max(1, min(group, COLUMN_BLOCK // (chunk_rows * L.inner)))
+        # at least COLUMN_TASKS blocks per group (see COLUMN_TASKS)
+        blocks = (COLUMN_TASKS + L.cf_units - 1) // L.cf_units
+        L.chan_chunk = max(1, min(L.chan_chunk, (group + blocks - 1) // blocks))
     elif L.nseg == 1 and group * L.inner > SEGMENT:
         L.chan_chunk = max(1, SEGMENT // max(1, L.inner))
     L.chan_blocks = max(1, (group + L.chan_chunk - 1) // L.chan_chunk)
