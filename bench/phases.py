@@ -22,7 +22,7 @@ import argparse
 import numpy as np
 
 from fastbn import _kernels
-from fastbn.bench._registry import measure_interleaved
+from fastbn.bench._registry import empty_beside, measure_interleaved
 
 SHAPES = ["32x64x112x112", "32x256x56x56", "64x2048x7x7", "8x64x56x56", "256x1024"]
 FLOOR = {("train", "nchw"): 1.0, ("backward", "nchw"): 1.5,
@@ -42,7 +42,7 @@ def phases(shape: tuple[int, ...], layout: str, threads: int, min_time: float) -
     rng = np.random.default_rng(0)
     x = rng.standard_normal((outer, channels, inner), dtype=np.float32) + 3
     dy = rng.standard_normal(x.shape, dtype=np.float32)
-    y = np.empty_like(x)
+    y = empty_beside(x)  # (see empty_beside)
     ones, zeros = np.ones(channels), np.zeros(channels)
     calls = {
         "copy": lambda: _kernels.parallel_copy(x, y, threads),

@@ -78,6 +78,49 @@ cdef extern from *:
     #endif
         memcpy(d, s, (size_t)nbytes);
     }
+    /* memcpy from the last byte down. A forward copy into an output a few bytes past its input
+       modulo 4 KB (NumPy's heap places an array of a multiple of 4 KB 16 bytes past the one
+       allocated before it) loads each vector just after storing one with the same low 12
+       address bits, and the processor holds the load back as if they overlapped: a 6.4 MB
+       copy with two threads on a Zen 3 took 1.15 ms (glibc's memcpy) instead of 0.12. Copied
+       downwards the stores trail the loads instead. */
+    static void fastbn_copy_down(void *dst, const void *src, Py_ssize_t nbytes) {
+        char *d = (char *)dst;
+        const char *s = (const char *)src;
+    #if defined(__AVX__)
+        __m256i a, b, c, e;
+        for (; nbytes >= 128; nbytes -= 128) {
+            a = _mm256_loadu_si256((const __m256i *)(s + nbytes - 32));
+            b = _mm256_loadu_si256((const __m256i *)(s + nbytes - 64));
+            c = _mm256_loadu_si256((const __m256i *)(s + nbytes - 96));
+            e = _mm256_loadu_si256((const __m256i *)(s + nbytes - 128));
+            _mm256_storeu_si256((__m256i *)(d + nbytes - 32), a);
+            _mm256_storeu_si256((__m256i *)(d + nbytes - 64), b);
+            _mm256_storeu_si256((__m256i *)(d + nbytes - 96), c);
+            _mm256_storeu_si256((__m256i *)(d + nbytes - 128), e);
+        }
+    #endif
+        memmove(d, s, (size_t)nbytes);
+    }
+    /* fastbn_stream from the last byte down (see fastbn_copy_down). */
+    static void fastbn_stream_down(void *dst, const void *src, Py_ssize_t nbytes) {
+        char *d = (char *)dst;
+        const char *s = (const char *)src;
+    #if defined(__AVX__)
+        Py_ssize_t tail = (Py_ssize_t)(((uintptr_t)d + nbytes) & 31);
+        if (tail > nbytes) tail = nbytes;
+        memmove(d + nbytes - tail, s + nbytes - tail, (size_t)tail);
+        for (nbytes -= tail; nbytes >= 32; nbytes -= 32)
+            _mm256_stream_si256((__m256i *)(d + nbytes - 32),
+                                _mm256_loadu_si256((const __m256i *)(s + nbytes - 32)));
+    #endif
+        fastbn_copy_down(d, s, nbytes);
+    }
+    /* Whether a forward pass writing dst while it reads src would alias (see fastbn_copy_down). */
+    static int fastbn_store_ahead(const void *dst, const void *src) {
+        uintptr_t gap = ((uintptr_t)dst - (uintptr_t)src) & 4095;
+        return gap != 0 && gap < 2048;
+    }
     static void fastbn_sfence(void) {
     #if defined(__SSE2__)
         _mm_sfence();
@@ -85,6 +128,9 @@ cdef extern from *:
     }
     """
     void fastbn_stream(void* dst, const void* src, Py_ssize_t nbytes) noexcept nogil
+    void fastbn_copy_down(void* dst, const void* src, Py_ssize_t nbytes) noexcept nogil
+    void fastbn_stream_down(void* dst, const void* src, Py_ssize_t nbytes) noexcept nogil
+    bint fastbn_store_ahead(const void* dst, const void* src) noexcept nogil
     void fastbn_sfence() noexcept nogil
 
 cdef extern from *:
@@ -1542,13 +1588,19 @@ def parallel_copy(cnp.ndarray src, cnp.ndarray dst, int num_threads=1):
     cdef char* d = <char*> cnp.PyArray_DATA(dst)
     cdef Py_ssize_t nbytes = src.nbytes, chunk = 1 << 18, nchunks, i, start
     cdef bint stream = nbytes > STREAM_ABOVE
+    cdef bint down = fastbn_store_ahead(d, s)
     nchunks = (nbytes + chunk - 1) // chunk
     with nogil:
         for i in prange(nchunks, schedule="static", num_threads=max(1, num_threads)):
             start = i * chunk
             if stream:
-                fastbn_stream(d + start, s + start, min(chunk, nbytes - start))
+                if down:
+                    fastbn_stream_down(d + start, s + start, min(chunk, nbytes - start))
+                else:
+                    fastbn_stream(d + start, s + start, min(chunk, nbytes - start))
                 fastbn_sfence()
+            elif down:
+                fastbn_copy_down(d + start, s + start, min(chunk, nbytes - start))
             else:
                 memcpy(d + start, s + start, min(chunk, nbytes - start))
 

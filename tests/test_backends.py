@@ -794,6 +794,33 @@ def test_parallel_copy_rejects_unsafe_destinations():
     assert np.array_equal(src, dst)
 
 
+@pytest.mark.parametrize("gap", [0, 1, 16, 100, 2047, 2048, 4095])
+@pytest.mark.parametrize("nbytes", [0, 5, 127, 128, 1000, 1 << 18, (1 << 18) * 3 + 77])
+def test_parallel_copy_copies_every_byte_whatever_the_gap_modulo_4k(gap, nbytes):
+    # outputs a little past the input modulo 4 KB are copied downwards, the others upwards; with
+    # a tiny STREAM_ABOVE the large ones also go through the non-temporal copies
+    if "cython" not in fastbn.available_backends():
+        pytest.skip("the cython backend is not built")
+    from fastbn import _kernels
+    pool = np.zeros(2 * nbytes + 3 * 4096, np.uint8)
+    base = -pool.ctypes.data % 4096 + 3  # odd starts
+    src = pool[base:base + nbytes]
+    src[:] = np.random.default_rng(nbytes).integers(0, 256, nbytes, dtype=np.uint8)
+    start = base + nbytes + (gap - nbytes) % 4096 + 4096
+    for stream_above in (None, 1024):
+        dst = pool[start:start + nbytes]
+        dst[:] = 0
+        previous = _kernels._tuning(**({} if stream_above is None else
+                                        {"STREAM_ABOVE": stream_above}))
+        try:
+            _kernels.parallel_copy(src, dst, 2)
+        finally:
+            _kernels._tuning(**previous)
+        assert nbytes == 0 or (dst.ctypes.data - src.ctypes.data) % 4096 == gap
+        assert np.array_equal(dst, src)
+        assert not pool[start + nbytes:].any() and not pool[base + nbytes:start].any()
+
+
 def _misaligned_empty(shape, dtype, shift):
     """A C-contiguous array whose data starts `shift` elements past a 64-byte boundary."""
     size = int(np.prod(shape))

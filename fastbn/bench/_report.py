@@ -118,7 +118,7 @@ class Copier:
 
     def __init__(self, src: np.ndarray, threads: int):
         self.src = src.reshape(-1)
-        self.dst = np.empty_like(self.src)
+        self.dst = reg.empty_beside(self.src)  # (not wherever the heap puts it)
         self.threads = threads
         self.pool = ThreadPoolExecutor(threads) if threads > 1 else None
         bounds = np.linspace(0, self.src.size, threads + 1).astype(int)
