@@ -33,8 +33,8 @@ The element-wise passes of short rows (normalization, dx) go through the tensor 
 instead, in runs across channels where each vector takes the constants of the one or two
 channels it covers (``_norm_seg_run``, ``_dx_seg_run``).
 With long rows a block is one image's row (or a piece of it), cut into rows of
-``LANES`` lanes, and a unit is the blocks of ``LONG_RUN // inner`` adjacent channels of one
-image: the units follow memory order. Every lane belongs to one channel, so how channels are
+``LANES`` lanes, and a unit is the blocks of up to ``LONG_RUN // inner`` adjacent channels of
+one image: the units follow memory order. Every lane belongs to one channel, so how channels are
 shared out never changes a result (moments and training give the same statistics). Training
 forward and backward run channel group by channel group (``GROUP_BYTES`` of input), so that
 the second pass over a group finds it in cache.
@@ -113,8 +113,15 @@ BLOCK_NHWC = 65536
 # the run with one shift or constant per element (no call and no remainder loop per 7x7 row).
 RUN = 1024
 # Long rows (RUN < inner < BLOCK): values per work unit, whole rows of adjacent channels of one
-# image (at least one row).
-LONG_RUN = 8192
+# image (at least one row; fewer while the channel range has fewer than MIN_TASKS units). Each
+# unit costs about 0.2 us besides its spans (its bounds, its kind of sums, a call per span):
+# one thread, 8x64x56x56 float32 moments, spans alone 170 us, through the 256 units of 8192
+# values 215-225 us (Cython 172). Kernels alone, interleaved, Numba over Cython time, 8192 ->
+# 24576 values a unit, 2 threads: 8x64x56x56 moments 1.30 -> 1.18, training 1.22 -> 1.15,
+# backward 1.18 -> 1.13; 16x32x40x40 1.39 -> 1.30, 1.19 -> 1.14, 1.20 -> 1.16. (32768: the
+# same on these, but rows of 12544 then went two channels a unit, and 4x64x112x112 backward
+# seemed to lose 5-10% at two threads.)
+LONG_RUN = 24576
 # Bytes of input per channel group in the fused channels-first passes: the second pass over a
 # group re-reads data that the first pass left in the cache (fastbn._config.channel_group_bytes).
 GROUP_BYTES = channel_group_bytes()
@@ -1565,7 +1572,7 @@ def _units(c0, c1, outer, inner):
     if inner <= RUN:
         chans = RUN // inner
     elif inner < BLOCK:
-        chans = max(1, LONG_RUN // inner)
+        chans = max(1, min(LONG_RUN // inner, (c1 - c0) * outer // MIN_TASKS))
     else:
         chans = 1
     return chans, (c1 - c0 + chans - 1) // chans * _geometry(outer, inner)[3]
