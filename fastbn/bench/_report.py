@@ -183,12 +183,11 @@ def run_cases(cases, threads: int, min_time: float = 0.2, progress=sys.stderr,
               check: bool = True) -> list[dict]:
     """Time every case (after checking its result). Returns one dict per case.
 
-    The cases of one operation on a tensor larger than the last-level cache (every backend)
-    are timed together with their yardstick, the fastest way to copy a tensor of that size,
-    their calls interleaved round by round (see measure_interleaved): the x copy, vs naive and
-    vs torch ratios compare times taken on the same state of the memory system. Smaller
-    tensors are timed backend by backend, each interleaved with the copy only, so that they
-    run from the cache as they would alone.
+    The cases of one operation on one tensor (every backend) are timed together with their
+    yardstick, the fastest way to copy a tensor of that size, their calls interleaved round by
+    round (see measure_interleaved): the x copy, vs naive and vs torch ratios compare times
+    taken on the same state of the machine. A tensor that fits in the cache is timed from the
+    cache all the same: each timed batch follows an untimed call of its function.
 
     BLAS is limited to one thread meanwhile: no case calls it, but an OpenBLAS pool that an
     earlier call woke spins on the cores the kernels need (2-7% of the profile samples).
@@ -240,16 +239,12 @@ def _run_cases(cases, threads, min_time, progress, check) -> list[dict]:
                 row.update(status=f"{type(exc).__name__}: {exc}")
                 if progress is not None:
                     print(f"    FAILED {row['status'][:200]}", file=progress, flush=True)
-        if 2 * first.nbytes > last_level_cache_bytes():
-            # From memory: every backend and the copy interleaved (the bandwidth drifts).
-            stats = measure_interleaved([p for _, p, _ in timed] + [copy_fn], min_time,
-                                        firsts=[t for _, _, t in timed] + [None])
-            pairs = [(t, stats[-1]) for t in stats[:-1]]
-        else:
-            # From the cache: each backend with the copy only (the others' data would evict
-            # its own, and a tensor that fits in the cache does not see the drift).
-            pairs = [tuple(measure_interleaved([p, copy_fn], min_time, firsts=[t, None]))
-                     for _, p, t in timed]
+        # Every backend and the copy interleaved, round by round: the bandwidth drifts, and a
+        # tensor in the cache is timed from the cache all the same (each batch follows an
+        # untimed call of its function).
+        stats = measure_interleaved([p for _, p, _ in timed] + [copy_fn], min_time,
+                                    firsts=[t for _, _, t in timed] + [None])
+        pairs = [(t, stats[-1]) for t in stats[:-1]]
         for (row, _, _), (t, c) in zip(timed, pairs):
             row.update(time=t["best"], median=t["median"], samples=t["samples"] * t["number"],
                        gbps=row["bytes"] / t["best"] / 1e9, status="ok",
@@ -448,9 +443,8 @@ LEGEND = (
     "divided by the time. x copy: time / time of a copy of the same tensor into a preallocated\n"
     "buffer with the same thread count (the memory roofline; fastest of a ThreadPoolExecutor\n"
     "of np.copyto chunks, torch copy_, fastbn's OpenMP parallel_copy and single-threaded\n"
-    "np.copyto), timed with calls interleaved: tensors above half the last-level cache with\n"
-    "every backend of the operation, smaller ones with each backend. The roofline table: the\n"
-    "fastest copy of each tensor.\n"
+    "np.copyto), timed with the calls of every backend of the operation interleaved. The\n"
+    "roofline table: the fastest copy of each tensor.\n"
     "vs naive / vs torch: that backend's time / this row's time (> 1: this row is faster).\n"
     "*: allocates its result (no out=). check: the result matched fastbn's NumPy reference\n"
     "(max error / max(1, |reference|) <= 1e-4 for float32, 1e-9 for float64; 'off by' shows a\n"
