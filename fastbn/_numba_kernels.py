@@ -183,13 +183,20 @@ OVERLAP_FROM = 4096
 # 3.56 / 2.70, 32x576x14x14 1.89 / 1.59 / 1.40, 32x192x28x28 2.15 / 1.55 / 1.59; training 2.05 /
 # 1.85 / 1.61, 1.10 / 0.88 / 0.82, 1.27 / 1.12 / 1.11; but rows of 3136 backward 32x256x56x56
 # 12.3 / 12.8 / 15.1, training 7.1 / 7.3 / 8.2.
+# So does a backward whose output is not streamed (the tensor fits in the cache, and so does
+# its second read in any case): fewer groups, fewer parallel regions. Zen 3, float32, 2
+# threads, Numba over Cython time, interleaved, 4 / 16 MB groups: 8x64x56x56 1.10-1.24 /
+# 1.08-1.13, 16x64x56x56 1.12-1.28 / 1.11, 4x32x112x112 1.15-1.18 / 1.13; training was no
+# faster that way (8x64x56x56 1.14-1.18 / 1.18-1.22) and keeps GROUP_BYTES.
 SHORT_ROWS = 1024
 SHORT_GROUP_BYTES = 16 << 20
 
 
-def _group_bytes(inner):
+def _group_bytes(inner, cached_backward=False):
     """Bytes of input per channel group for channels-first rows of `inner` values."""
-    return GROUP_BYTES if inner >= SHORT_ROWS else max(GROUP_BYTES, SHORT_GROUP_BYTES)
+    if inner >= SHORT_ROWS and not cached_backward:
+        return GROUP_BYTES
+    return max(GROUP_BYTES, SHORT_GROUP_BYTES)
 
 
 # Values per task of the channels-first normalization of short rows: runs across channels in
@@ -2453,7 +2460,8 @@ def backward(dy, x, mean, invstd, weight, output, training, out, num_threads=1):
                     bool(training), out, _streamed(out))
     kernel = _specialized(_chw_backward_as, output is not None, bool(training),
                           _streamed(out))
-    return _run(num_threads, kernel, fallback, *args, out, _group_bytes(x.shape[2]), OVERLAP)
+    group_bytes = _group_bytes(x.shape[2], cached_backward=not _streamed(out))
+    return _run(num_threads, kernel, fallback, *args, out, group_bytes, OVERLAP)
 
 
 # ----------------------------------------------------------------------------- entries
